@@ -1,0 +1,114 @@
+// Argument validation shared by the CPU and CUDA entry points. Every message names
+// the argument and what was expected, so a bad call from Python reads as a
+// RuntimeError the user can act on. Header-only; include after ATen.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <array>
+#include <string>
+
+namespace fused_resnet {
+
+// float64 activations accumulate in float64; every other dtype in float32.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_activation(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
+  TORCH_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor, got layout ",
+              t.layout());
+  TORCH_CHECK(t.dim() == 4, name, ": expected a 4-D tensor (N, C, H, W), got ", t.dim(),
+              "-D with shape ", t.sizes());
+  auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, name,
+              ": expected float32, float64, float16 or bfloat16, got ", dt);
+}
+
+// `t` must live on the same device and have the same dtype as `ref`.
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), " (same as ",
+              ref_name, "), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(),
+              " (same as ", ref_name, "), got ", t.scalar_type());
+}
+
+// A per-channel vector: 1-D, `k` elements, accumulation dtype, on `device`.
+inline void check_vector(const at::Tensor& v, const char* name, int64_t k, at::ScalarType dtype,
+                         const at::Device& device) {
+  TORCH_CHECK(v.defined(), name, ": expected a tensor, got None");
+  TORCH_CHECK(v.layout() == at::kStrided, name, ": expected a strided (dense) tensor");
+  TORCH_CHECK(v.device() == device, name, ": expected device ", device, ", got ", v.device());
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == k, name, ": expected shape (", k, ",), got ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == dtype, name, ": expected dtype ", dtype,
+              " (per-channel vectors are float32, float64 for float64 activations), got ",
+              v.scalar_type());
+}
+
+// Same, for an optional vector that is only checked when present.
+inline void check_vector(const c10::optional<at::Tensor>& v, const char* name, int64_t k,
+                         at::ScalarType dtype, const at::Device& device) {
+  if (v.has_value() && v->defined()) check_vector(*v, name, k, dtype, device);
+}
+
+// A (2, k) statistics tensor as produced by conv_stats.
+inline void check_stats(const at::Tensor& s, const char* name, int64_t k = -1) {
+  TORCH_CHECK(s.defined(), name, ": expected a tensor, got None");
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == 2 && (k < 0 || s.size(1) == k), name,
+              ": expected shape (2, ", (k < 0 ? std::string("K") : std::to_string(k)),
+              ") holding (mean, M2) rows, got ", s.sizes());
+  TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, name,
+              ": expected float32 or float64, got ", s.scalar_type());
+}
+
+struct ConvGeometry {
+  std::array<int64_t, 4> out_shape;  // logical (N, K, P, Q)
+};
+
+// Validates x/weight and the convolution hyper-parameters; returns the output shape.
+inline ConvGeometry check_conv(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_activation(x, "x");
+  TORCH_CHECK(w.defined(), "weight: expected a tensor, got None");
+  TORCH_CHECK(w.dim() == 4, "weight: expected a 4-D tensor (K, C/groups, R, S), got ", w.dim(),
+              "-D with shape ", w.sizes());
+  check_like(w, "weight", x, "x");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "stride, padding, dilation: expected two values each");
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(stride[i] >= 1, "stride: expected values >= 1, got ", stride);
+    TORCH_CHECK(padding[i] >= 0, "padding: expected values >= 0, got ", padding);
+    TORCH_CHECK(dilation[i] >= 1, "dilation: expected values >= 1, got ", dilation);
+  }
+  TORCH_CHECK(groups >= 1, "groups: expected >= 1, got ", groups);
+  const int64_t c = x.size(1), k = w.size(0);
+  TORCH_CHECK(c % groups == 0, "groups: x has ", c, " channels, not divisible by groups=", groups);
+  TORCH_CHECK(k % groups == 0, "groups: weight has ", k, " output channels, not divisible by groups=",
+              groups);
+  TORCH_CHECK(w.size(1) * groups == c, "weight: expected shape (K, ", c / groups,
+              ", R, S) for x with ", c, " channels and groups=", groups, ", got ", w.sizes());
+  std::array<int64_t, 4> out{x.size(0), k, 0, 0};
+  for (int i = 0; i < 2; ++i) {
+    const int64_t in = x.size(2 + i), kernel = w.size(2 + i);
+    const int64_t eff = dilation[i] * (kernel - 1) + 1;
+    TORCH_CHECK(in + 2 * padding[i] >= eff, "x: spatial size ", x.sizes().slice(2),
+                " with padding ", padding, " is smaller than the dilated kernel (", eff, ")");
+    out[2 + i] = (in + 2 * padding[i] - eff) / stride[i] + 1;
+  }
+  return {out};
+}
+
+// residual (when present) must match the output in shape, device and dtype.
+inline void check_residual(const c10::optional<at::Tensor>& r, const char* name,
+                           at::IntArrayRef out_shape, const at::Tensor& ref, const char* ref_name) {
+  if (!r.has_value() || !r->defined()) return;
+  check_activation(*r, name);
+  check_like(*r, name, ref, ref_name);
+  TORCH_CHECK(r->sizes() == out_shape, name, ": expected shape ", out_shape, ", got ", r->sizes());
+}
+
+}  // namespace fused_resnet
