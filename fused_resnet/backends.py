@@ -71,10 +71,10 @@ def unsupported_reason(backend: str, device: torch.device, dtype: torch.dtype, o
         return "the Triton backend is not implemented yet"
     if backend not in ("cpu", "cuda"):
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)} or 'auto', got {backend!r}")
-    if not _ext.available():
-        return "fused_resnet._C is not loaded (see `fused-resnet info`)"
     if device.type != backend:
         return f"the {backend} backend runs {backend.upper()} tensors, got a tensor on {device}"
+    if not _ext.available():
+        return "fused_resnet._C is not loaded (see `fused-resnet info`)"
     if dtype not in _KERNEL_DTYPES:
         return f"the {backend} backend supports float32/float64/float16/bfloat16, got {dtype}"
     if not _ext.has_kernel(op, backend.upper()):

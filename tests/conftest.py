@@ -15,7 +15,7 @@ from fused_resnet import _ext, reference  # noqa: E402
 
 CL = torch.channels_last
 
-requires_c = pytest.mark.skipif(not _ext.available(), reason=f"fused_resnet._C not loaded: {_ext.problem}")
+requires_c = pytest.mark.skipif(not _ext.available(), reason="fused_resnet._C not loaded (see `fused-resnet info`)")
 
 
 @dataclass(frozen=True)
