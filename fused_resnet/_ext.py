@@ -72,6 +72,7 @@ def _load() -> None:
             f"{torch.__version__} is installed; {REBUILD_HINT}"
         )
         return
+    compiled["cuda_archs"] = [a for a in str(compiled.get("cuda_archs", "")).split(";") if a]
     build_info = {**build_info, **compiled}
     _C = module
 

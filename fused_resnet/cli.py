@@ -69,8 +69,6 @@ def collect_info() -> dict:
 def _print_info(info: dict) -> None:
     ext = info["extension"]
     archs = ext["cuda_archs"]
-    if isinstance(archs, str):
-        archs = [a for a in archs.split(";") if a]
     rows = [
         ("fused_resnet", info["fused_resnet"]),
         ("python", info["python"]),
