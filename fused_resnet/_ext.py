@@ -27,7 +27,11 @@ REBUILD_HINT = (
     "(or `pip install --no-build-isolation -e .` for a development install)"
 )
 
+OPS = ("conv_bn_act", "conv_stats", "bn_finalize", "bn_update_running_stats", "bn_add_act",
+       "bn_add_act_backward", "stats_backward")
+
 _C = None  # the loaded module, or None
+kernels: frozenset = frozenset()  # {(op, dispatch key)} compiled into _C, read once at load
 build_info: dict = {}  # what the build recorded (empty when unknown)
 problem: str | None = None  # why _C is not loaded
 
@@ -75,6 +79,11 @@ def _load() -> None:
     compiled["cuda_archs"] = [a for a in str(compiled.get("cuda_archs", "")).split(";") if a]
     build_info = {**build_info, **compiled}
     _C = module
+    global kernels
+    kernels = frozenset(
+        (op, key) for op in OPS for key in ("CPU", "CUDA")
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet::{op}", key)
+    )
 
 
 _load()
@@ -93,7 +102,7 @@ def available() -> bool:
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether ``fused_resnet::<op>`` has a compiled kernel for ``dispatch_key`` ('CPU'/'CUDA')."""
-    if _C is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet::{op}", dispatch_key)
+    """Whether ``fused_resnet::<op>`` has a compiled kernel for ``dispatch_key`` ('CPU'/'CUDA').
+
+    Read from a table filled at load time, so it is a constant under torch.compile tracing."""
+    return (op, dispatch_key) in kernels

@@ -16,8 +16,7 @@ import json
 import platform
 import sys
 
-OPS = ("conv_bn_act", "conv_stats", "bn_finalize", "bn_update_running_stats", "bn_add_act",
-       "bn_add_act_backward", "stats_backward")
+from fused_resnet._ext import OPS
 
 
 def _version(dist: str) -> str | None:

@@ -133,7 +133,7 @@ def test_empty_batch():
     y = ops.conv_bn_act(x, w, s, b, None, *CONV, True)
     assert y.shape == (0, 6, 5, 5)
     z, stats = ops.conv_stats(x, w, s.new_ones(4), None, True, *CONV)
-    ez, estats = ref.conv_stats(x, w, s.new_ones(4), None, True)
+    ez, estats = ref.conv_stats(x, w, s.new_ones(4), None, True, *CONV)
     assert z.shape == ez.shape == (0, 6, 5, 5)
     assert torch.isnan(stats[0]).all() and torch.isnan(estats[0]).all()
     assert (stats[1] == 0).all()
