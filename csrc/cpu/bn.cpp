@@ -1,0 +1,473 @@
+// CPU kernels of the BatchNorm-side ops: bn_add_act (and the epilogue conv_bn_act shares
+// with it), bn_add_act_backward, stats_backward, bn_finalize, bn_update_running_stats.
+// Meaning of each op: fused_resnet/reference.py; schemas: csrc/ops.cpp.
+//
+// Activations are processed as (M, K) row-major matrices (see cpu_kernels.h): parallel over
+// pixel rows, inner loop over channels, so the per-channel vectors stay in L1 and the inner
+// loop vectorizes. Options cost no extra instantiations: relu is a loop-invariant select,
+// a residual picks one of two loops, and an absent res_scale / res_shift becomes an identity
+// vector (x * 1 + 0 == x exactly), so each kernel is instantiated once per dtype.
+#include "cpu_kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+
+namespace fused_resnet {
+namespace cpu {
+
+at::Tensor canonical_channels_last(const at::Tensor& t) {
+  const auto want = c10::get_channels_last_strides_2d(t.sizes());
+  if (t.strides() == at::IntArrayRef(want)) return t;
+  auto opts = t.options().memory_format(at::MemoryFormat::ChannelsLast);
+  if (t.numel() == 0) return at::empty(t.sizes(), opts);
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    // Same addresses, only the strides of size-1 dims differ: a new header over the storage.
+    return at::empty({0}, t.options()).set_(t.storage(), t.storage_offset(), t.sizes(), want);
+  }
+  return at::empty(t.sizes(), opts).copy_(t);
+}
+
+namespace {
+
+// A (K,) vector's data in the accumulation type, or `fill` repeated when absent.
+template <typename acc_t>
+const acc_t* vector_or(const at::Tensor& v, std::vector<acc_t>& storage, int64_t k, acc_t fill,
+                       at::Tensor& keep) {
+  if (v.defined()) {
+    keep = v.contiguous();
+    return keep.const_data_ptr<acc_t>();
+  }
+  storage.assign(k, fill);
+  return storage.data();
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_add_act / conv_bn_act epilogue
+
+template <typename scalar_t>
+void affine_add_act_impl(scalar_t* out, const scalar_t* z, const scalar_t* res,
+                         const at::opmath_type<scalar_t>* scale,
+                         const at::opmath_type<scalar_t>* shift,
+                         const at::opmath_type<scalar_t>* res_scale,
+                         const at::opmath_type<scalar_t>* res_shift, int64_t m, int64_t k,
+                         bool relu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, m, row_grain(k), [&](int64_t r0, int64_t r1) {
+    const acc_t zero(0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* zr = z + r * k;
+      scalar_t* o = out + r * k;  // may equal zr: each element is read before it is written
+      if (res != nullptr) {
+        const scalar_t* rr = res + r * k;
+        FUSED_RESNET_IVDEP
+        for (int64_t c = 0; c < k; ++c) {
+          // Same association as the reference: (z*s + b) + (r*rs + rb).
+          acc_t v = static_cast<acc_t>(zr[c]) * scale[c] + shift[c] +
+                    (static_cast<acc_t>(rr[c]) * res_scale[c] + res_shift[c]);
+          // std::max(v, 0) keeps NaN, as torch.relu does; the invariant select vectorizes.
+          o[c] = round_to<scalar_t>(relu ? std::max(v, zero) : v);
+        }
+      } else {
+        FUSED_RESNET_IVDEP
+        for (int64_t c = 0; c < k; ++c) {
+          acc_t v = static_cast<acc_t>(zr[c]) * scale[c] + shift[c];
+          o[c] = round_to<scalar_t>(relu ? std::max(v, zero) : v);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void affine_add_act(const at::Tensor& out, const at::Tensor& z, const at::Tensor& scale,
+                    const at::Tensor& shift, const at::Tensor& residual,
+                    const at::Tensor& res_scale, const at::Tensor& res_shift, bool relu) {
+  const int64_t k = z.size(1);
+  const int64_t m = k == 0 ? 0 : z.numel() / k;
+  if (m == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "affine_add_act", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor s = scale.contiguous(), b = shift.contiguous(), keep_rs, keep_rb;
+    std::vector<acc_t> ones, zeros;
+    const acc_t* rs = vector_or<acc_t>(res_scale, ones, k, acc_t(1), keep_rs);
+    const acc_t* rb = vector_or<acc_t>(res_shift, zeros, k, acc_t(0), keep_rb);
+    affine_add_act_impl<scalar_t>(out.mutable_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
+                                  residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
+                                  s.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), rs, rb, m,
+                                  k, relu);
+  });
+}
+
+namespace {
+
+at::Tensor undefined_if_none(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
+// Common validation of (z, scale, shift, residual, res_scale, res_shift).
+void check_bn_add_act_args(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                           const c10::optional<at::Tensor>& residual,
+                           const c10::optional<at::Tensor>& res_scale,
+                           const c10::optional<at::Tensor>& res_shift) {
+  check_activation(z, "z");
+  check_cpu(z, "z");
+  const int64_t k = z.size(1);
+  const auto acc = acc_dtype(z.scalar_type());
+  check_vector(scale, "scale", k, acc, z.device());
+  check_vector(shift, "shift", k, acc, z.device());
+  check_residual(residual, "residual", z.sizes(), z, "z");
+  // Validated even without a residual (where reference.py ignores them), so a wrong
+  // vector is reported rather than silently accepted.
+  check_vector(res_scale, "res_scale", k, acc, z.device());
+  check_vector(res_shift, "res_shift", k, acc, z.device());
+}
+
+at::Tensor bn_add_act_cpu(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                          const c10::optional<at::Tensor>& residual,
+                          const c10::optional<at::Tensor>& res_scale,
+                          const c10::optional<at::Tensor>& res_shift, bool relu) {
+  check_bn_add_act_args(z, scale, shift, residual, res_scale, res_shift);
+  const at::Tensor zc = channels_last_input(z);
+  at::Tensor r = undefined_if_none(residual);
+  if (r.defined()) r = channels_last_input(r);
+  at::Tensor out = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // Without a residual, res_scale/res_shift have nothing to apply to (as in reference.py).
+  affine_add_act(out, zc, scale, shift, r, r.defined() ? undefined_if_none(res_scale) : at::Tensor(),
+                 r.defined() ? undefined_if_none(res_shift) : at::Tensor(), relu);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_add_act_backward
+
+template <typename scalar_t>
+void bn_add_act_backward_impl(const scalar_t* go, const scalar_t* z, const scalar_t* res,
+                              const at::opmath_type<scalar_t>* scale,
+                              const at::opmath_type<scalar_t>* shift,
+                              const at::opmath_type<scalar_t>* res_scale,
+                              const at::opmath_type<scalar_t>* res_shift, bool relu, int64_t m,
+                              int64_t k, scalar_t* grad_z, scalar_t* grad_res,
+                              double* sum_gz, double* sum_g, double* sum_gr) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nchunks = (m + kChunkRows - 1) / kChunkRows;
+  const int64_t nsums = res != nullptr ? 3 : 2;
+  // Per-chunk partial sums, [chunk][sum][channel]; merged below in chunk order.
+  std::vector<double> part(static_cast<size_t>(nchunks * nsums * k), 0.0);
+  at::parallel_for(0, nchunks, chunk_grain(k), [&](int64_t c0, int64_t c1) {
+    const acc_t zero(0);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      double* __restrict p_gz = part.data() + ch * nsums * k;
+      double* __restrict p_g = p_gz + k;
+      double* __restrict p_gr = res != nullptr ? p_g + k : nullptr;
+      const int64_t r1 = std::min(m, (ch + 1) * kChunkRows);
+      for (int64_t r = ch * kChunkRows; r < r1; ++r) {
+        const int64_t off = r * k;
+        const scalar_t* gor = go + off;
+        const scalar_t* zr = z + off;
+        scalar_t* gzr = grad_z + off;
+        if (res != nullptr) {
+          const scalar_t* rr = res + off;
+          scalar_t* grr = grad_res + off;
+          FUSED_RESNET_IVDEP
+          for (int64_t c = 0; c < k; ++c) {
+            const acc_t zv = static_cast<acc_t>(zr[c]);
+            const acc_t rv = static_cast<acc_t>(rr[c]);
+            const acc_t pre = zv * scale[c] + shift[c] + (rv * res_scale[c] + res_shift[c]);
+            const acc_t gv = static_cast<acc_t>(gor[c]);  // loaded unconditionally: if-convertible
+            const acc_t g = (!relu || pre > zero) ? gv : zero;
+            gzr[c] = round_to<scalar_t>(g * scale[c]);
+            grr[c] = round_to<scalar_t>(g * res_scale[c]);  // res_scale absent: g * 1 == g
+            p_gz[c] += static_cast<double>(g) * static_cast<double>(zv);
+            p_g[c] += static_cast<double>(g);
+            p_gr[c] += static_cast<double>(g) * static_cast<double>(rv);
+          }
+        } else {
+          FUSED_RESNET_IVDEP
+          for (int64_t c = 0; c < k; ++c) {
+            const acc_t zv = static_cast<acc_t>(zr[c]);
+            const acc_t pre = zv * scale[c] + shift[c];
+            const acc_t gv = static_cast<acc_t>(gor[c]);
+            const acc_t g = (!relu || pre > zero) ? gv : zero;
+            gzr[c] = round_to<scalar_t>(g * scale[c]);
+            p_gz[c] += static_cast<double>(g) * static_cast<double>(zv);
+            p_g[c] += static_cast<double>(g);
+          }
+        }
+      }
+    }
+  });
+  std::fill(sum_gz, sum_gz + k, 0.0);
+  std::fill(sum_g, sum_g + k, 0.0);
+  if (sum_gr != nullptr) std::fill(sum_gr, sum_gr + k, 0.0);
+  for (int64_t ch = 0; ch < nchunks; ++ch) {
+    const double* p = part.data() + ch * nsums * k;
+    for (int64_t c = 0; c < k; ++c) {
+      sum_gz[c] += p[c];
+      sum_g[c] += p[k + c];
+    }
+    if (sum_gr != nullptr) {
+      for (int64_t c = 0; c < k; ++c) sum_gr[c] += p[2 * k + c];
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_act_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& scale,
+    const at::Tensor& shift, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& res_scale, const c10::optional<at::Tensor>& res_shift,
+    bool relu) {
+  check_bn_add_act_args(z, scale, shift, residual, res_scale, res_shift);
+  check_activation(grad_out, "grad_out");
+  check_like(grad_out, "grad_out", z, "z");
+  TORCH_CHECK(grad_out.sizes() == z.sizes(), "grad_out: expected shape ", z.sizes(),
+              " (same as z), got ", grad_out.sizes());
+
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const int64_t k = z.size(1);
+  const int64_t m = k == 0 ? 0 : z.numel() / k;
+  const at::Tensor zc = channels_last_input(z);
+  const at::Tensor goc = channels_last_input(grad_out);
+  at::Tensor r = undefined_if_none(residual);
+  const bool has_res = r.defined();
+  const bool has_rs = has_res && res_scale.has_value() && res_scale->defined();
+  if (has_res) r = channels_last_input(r);
+
+  const auto vec_opts = scale.options();
+  at::Tensor grad_z = at::empty(z.sizes(), z.options().memory_format(cl));
+  at::Tensor grad_scale = at::empty({k}, vec_opts);
+  at::Tensor grad_shift = at::empty({k}, vec_opts);
+  at::Tensor grad_res = has_res ? at::empty(z.sizes(), z.options().memory_format(cl))
+                                : at::empty({0}, z.options());
+  std::vector<double> sum_gz(k), sum_g(k), sum_gr(has_res ? k : 0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_add_act_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor s = scale.contiguous(), b = shift.contiguous(), keep_rs, keep_rb;
+    std::vector<acc_t> ones, zeros;
+    const acc_t* rs = vector_or<acc_t>(has_res ? undefined_if_none(res_scale) : at::Tensor(), ones,
+                                       k, acc_t(1), keep_rs);
+    const acc_t* rb = vector_or<acc_t>(has_res ? undefined_if_none(res_shift) : at::Tensor(), zeros,
+                                       k, acc_t(0), keep_rb);
+    bn_add_act_backward_impl<scalar_t>(
+        goc.const_data_ptr<scalar_t>(), zc.const_data_ptr<scalar_t>(),
+        has_res ? r.const_data_ptr<scalar_t>() : nullptr, s.const_data_ptr<acc_t>(),
+        b.const_data_ptr<acc_t>(), rs, rb, relu, m, k, grad_z.mutable_data_ptr<scalar_t>(),
+        has_res ? grad_res.mutable_data_ptr<scalar_t>() : nullptr, sum_gz.data(), sum_g.data(),
+        has_res ? sum_gr.data() : nullptr);
+    acc_t* gs = grad_scale.mutable_data_ptr<acc_t>();
+    acc_t* gb = grad_shift.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < k; ++c) {
+      gs[c] = static_cast<acc_t>(sum_gz[c]);
+      gb[c] = static_cast<acc_t>(sum_g[c]);
+    }
+  });
+
+  at::Tensor grad_res_scale;
+  if (has_rs) {
+    grad_res_scale = at::empty({k}, vec_opts);
+    AT_DISPATCH_FLOATING_TYPES(grad_res_scale.scalar_type(), "bn_add_act_backward", [&] {
+      scalar_t* p = grad_res_scale.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < k; ++c) p[c] = static_cast<scalar_t>(sum_gr[c]);
+    });
+  } else {
+    grad_res_scale = at::empty({0}, vec_opts);
+  }
+  return {grad_z, grad_scale, grad_shift, grad_res, grad_res_scale};
+}
+
+// ---------------------------------------------------------------------------------------------
+// stats_backward
+
+at::Tensor stats_backward_cpu(const at::Tensor& grad_z, const at::Tensor& grad_stats,
+                              const at::Tensor& z, const at::Tensor& stats, int64_t count) {
+  check_activation(z, "z");
+  check_cpu(z, "z");
+  check_activation(grad_z, "grad_z");
+  check_like(grad_z, "grad_z", z, "z");
+  TORCH_CHECK(grad_z.sizes() == z.sizes(), "grad_z: expected shape ", z.sizes(),
+              " (same as z), got ", grad_z.sizes());
+  const int64_t k = z.size(1);
+  check_stats(stats, "stats", k);
+  const auto acc = acc_dtype(z.scalar_type());
+  TORCH_CHECK(stats.scalar_type() == acc, "stats: expected dtype ", acc,
+              " (the accumulation dtype of z's ", z.scalar_type(), "), got ", stats.scalar_type());
+  TORCH_CHECK(stats.device() == z.device(), "stats: expected device ", z.device(),
+              " (same as z), got ", stats.device());
+  check_stats(grad_stats, "grad_stats", k);
+  check_like(grad_stats, "grad_stats", stats, "stats");
+  TORCH_CHECK(count >= 1 || z.numel() == 0,
+              "count: expected >= 1 (values per channel in stats), got ", count);
+
+  const at::Tensor zc = channels_last_input(z);
+  const at::Tensor gzc = channels_last_input(grad_z);
+  at::Tensor out = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t m = k == 0 ? 0 : z.numel() / k;
+  if (m == 0) return out;
+  const at::Tensor st = stats.contiguous(), gst = grad_stats.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "stats_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* mean = st.const_data_ptr<acc_t>();
+    const acc_t* gs = gst.const_data_ptr<acc_t>();
+    // Per-channel terms as reference.py forms them: grad_stats[0] / count, 2 * grad_stats[1].
+    std::vector<acc_t> a(k), b(k);
+    for (int64_t c = 0; c < k; ++c) {
+      a[c] = gs[c] / static_cast<acc_t>(count);
+      b[c] = acc_t(2) * gs[k + c];
+    }
+    const acc_t* pa = a.data();
+    const acc_t* pb = b.data();
+    const scalar_t* zp = zc.const_data_ptr<scalar_t>();
+    const scalar_t* gp = gzc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, m, row_grain(k), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t off = r * k;
+        const scalar_t* zr = zp + off;
+        const scalar_t* gr = gp + off;
+        scalar_t* o = op + off;
+        FUSED_RESNET_IVDEP
+        for (int64_t c = 0; c < k; ++c) {
+          const acc_t v = static_cast<acc_t>(gr[c]) + pa[c] +
+                          pb[c] * (static_cast<acc_t>(zr[c]) - mean[c]);
+          o[c] = round_to<scalar_t>(v);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_finalize / bn_update_running_stats: per-channel, K elements, no parallelism needed.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cpu(
+    const at::Tensor& stats, int64_t count, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& beta, double eps) {
+  check_stats(stats, "stats");
+  check_cpu(stats, "stats");
+  const int64_t k = stats.size(1);
+  TORCH_CHECK(count >= 1, "count: expected >= 1 (values per channel in stats), got ", count);
+  check_vector(gamma, "gamma", k, stats.scalar_type(), stats.device());
+  check_vector(beta, "beta", k, stats.scalar_type(), stats.device());
+
+  const at::Tensor st = stats.contiguous();
+  const at::Tensor g = undefined_if_none(gamma), b = undefined_if_none(beta);
+  const at::Tensor gc = g.defined() ? g.contiguous() : g, bc = b.defined() ? b.contiguous() : b;
+  at::Tensor scale = at::empty({k}, stats.options());
+  at::Tensor shift = at::empty({k}, stats.options());
+  at::Tensor save_mean = at::empty({k}, stats.options());
+  at::Tensor save_invstd = at::empty({k}, stats.options());
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "bn_finalize", [&] {
+    // In stats' dtype, operation by operation as reference.py (and BatchNorm) compute it.
+    const scalar_t* mean = st.const_data_ptr<scalar_t>();
+    const scalar_t* m2 = mean + k;
+    const scalar_t* gp = gc.defined() ? gc.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* sp = scale.mutable_data_ptr<scalar_t>();
+    scalar_t* hp = shift.mutable_data_ptr<scalar_t>();
+    scalar_t* mp = save_mean.mutable_data_ptr<scalar_t>();
+    scalar_t* ip = save_invstd.mutable_data_ptr<scalar_t>();
+    const scalar_t n = static_cast<scalar_t>(count);
+    const scalar_t e = static_cast<scalar_t>(eps);
+    for (int64_t c = 0; c < k; ++c) {
+      const scalar_t invstd = scalar_t(1) / std::sqrt(m2[c] / n + e);
+      const scalar_t s = gp != nullptr ? gp[c] * invstd : invstd;
+      mp[c] = mean[c];
+      ip[c] = invstd;
+      sp[c] = s;
+      hp[c] = bp != nullptr ? bp[c] - mean[c] * s : -mean[c] * s;
+    }
+  });
+  return {scale, shift, save_mean, save_invstd};
+}
+
+void check_running(const at::Tensor& t, const char* name, int64_t k) {
+  TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
+  TORCH_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor");
+  check_cpu(t, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == k, name, ": expected shape (", k, ",), got ", t.sizes());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, name,
+              ": expected float32, float64, float16 or bfloat16, got ", dt);
+}
+
+// running = running * (1 - factor) + batch * factor, in double, rounded once to running's dtype.
+void blend_into(const at::Tensor& running, const double* batch, double factor) {
+  const int64_t k = running.size(0), stride = running.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "bn_update_running_stats", [&] {
+    scalar_t* p = running.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < k; ++c) {
+      const double old = static_cast<double>(p[c * stride]);
+      p[c * stride] = static_cast<scalar_t>(old * (1.0 - factor) + factor * batch[c]);
+    }
+  });
+}
+
+void bn_update_running_stats_cpu(const at::Tensor& stats, int64_t count,
+                                 const at::Tensor& running_mean, const at::Tensor& running_var,
+                                 const c10::optional<at::Tensor>& num_batches_tracked,
+                                 c10::optional<double> momentum) {
+  // Everything is validated before anything is mutated.
+  check_stats(stats, "stats");
+  check_cpu(stats, "stats");
+  const int64_t k = stats.size(1);
+  TORCH_CHECK(count > 1, "count: expected more than 1 value per channel when training (as "
+              "nn.BatchNorm2d), got ", count);
+  check_running(running_mean, "running_mean", k);
+  check_running(running_var, "running_var", k);
+  const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (has_nbt) {
+    const at::Tensor& nbt = *num_batches_tracked;
+    check_cpu(nbt, "num_batches_tracked");
+    TORCH_CHECK(nbt.scalar_type() == at::kLong, "num_batches_tracked: expected dtype ", at::kLong,
+                ", got ", nbt.scalar_type());
+    TORCH_CHECK(nbt.numel() == 1, "num_batches_tracked: expected one element, got shape ",
+                nbt.sizes());
+  }
+  TORCH_CHECK(momentum.has_value() || has_nbt,
+              "momentum: None (cumulative moving average) needs num_batches_tracked, got None");
+
+  double factor = momentum.has_value() ? *momentum : 0.0;
+  if (has_nbt) {
+    int64_t* nbt = num_batches_tracked->mutable_data_ptr<int64_t>();
+    TORCH_CHECK(momentum.has_value() || *nbt >= 0,
+                "num_batches_tracked: expected >= 0 for momentum=None, got ", *nbt);
+    *nbt += 1;
+    if (!momentum.has_value()) factor = 1.0 / static_cast<double>(*nbt);
+  }
+
+  const at::Tensor st = stats.to(at::kDouble).contiguous();
+  const double* mean = st.const_data_ptr<double>();
+  const double* m2 = mean + k;
+  const double denom = static_cast<double>(std::max<int64_t>(count - 1, 1));
+  std::vector<double> unbiased(k);
+  for (int64_t c = 0; c < k; ++c) unbiased[c] = m2[c] / denom;
+  blend_into(running_mean, mean, factor);
+  blend_into(running_var, unbiased.data(), factor);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {
+  m.impl("bn_add_act", &bn_add_act_cpu);
+  m.impl("bn_add_act_backward", &bn_add_act_backward_cpu);
+  m.impl("stats_backward", &stats_backward_cpu);
+  m.impl("bn_finalize", &bn_finalize_cpu);
+  m.impl("bn_update_running_stats", &bn_update_running_stats_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fused_resnet

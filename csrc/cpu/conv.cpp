@@ -1,0 +1,244 @@
+// CPU kernels of the convolution ops: conv_bn_act and conv_stats.
+// Meaning of each op: fused_resnet/reference.py; schemas: csrc/ops.cpp.
+//
+// The convolution itself is ATen's (oneDNN on CPU); what is fused here is everything around
+// it: the prologue relu?(x * in_scale + in_shift) in one pass that also does the layout
+// change, the folded-BN epilogue written in place into the fresh conv output, and the
+// per-channel (mean, M2) of z in one deterministic pass.
+#include "cpu_kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "checks.h"
+
+namespace fused_resnet {
+namespace cpu {
+namespace {
+
+// z = conv(xin, w) as a channels_last tensor with canonical strides. x has channels_last
+// memory so ATen picks its NHWC path, whose output is already channels_last (then free).
+at::Tensor convolve(const at::Tensor& xin, const at::Tensor& w, const ConvGeometry& geo,
+                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                    int64_t groups) {
+  if (xin.size(1) == 0) {
+    // Nothing to sum over: every output is 0 (ATen mis-shapes this case).
+    return at::zeros(geo.out_shape, xin.options().memory_format(at::MemoryFormat::ChannelsLast));
+  }
+  const std::array<int64_t, 2> no_output_padding{0, 0};
+  at::Tensor z = at::convolution(xin, w, /*bias=*/{}, stride, padding, dilation,
+                                 /*transposed=*/false, no_output_padding, groups);
+  TORCH_INTERNAL_ASSERT(z.sizes() == at::IntArrayRef(geo.out_shape), "convolution returned shape ",
+                        z.sizes(), ", expected ", at::IntArrayRef(geo.out_shape));
+  return canonical_channels_last(z);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prologue: out = relu?(x * in_scale + in_shift) rounded to x's dtype, read from x with any
+// strides and written channels_last-contiguous, so the layout change costs no extra pass.
+
+template <typename scalar_t>
+void prologue_impl(const at::Tensor& x, const at::opmath_type<scalar_t>* in_scale,
+                   const at::opmath_type<scalar_t>* in_shift, bool relu, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const int64_t m = n * h * w;
+  if (m == 0 || c == 0) return;
+  // The channel stride as a compile-time 1 in the common (channels_last input) case lets the
+  // inner loop vectorize; other layouts take the strided gather.
+  auto run = [&](auto unit_stride) {
+    constexpr bool kUnit = decltype(unit_stride)::value;
+    at::parallel_for(0, m, row_grain(c), [&](int64_t r0, int64_t r1) {
+      const acc_t zero(0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t iw = r % w, ih = (r / w) % h, in = r / (w * h);
+        const scalar_t* src = xp + in * sn + ih * sh + iw * sw;
+        scalar_t* dst = out + r * c;
+        FUSED_RESNET_IVDEP
+        for (int64_t j = 0; j < c; ++j) {
+          const acc_t v = static_cast<acc_t>(src[kUnit ? j : j * sc]) * in_scale[j] + in_shift[j];
+          dst[j] = round_to<scalar_t>(relu ? std::max(v, zero) : v);
+        }
+      }
+    });
+  };
+  if (sc == 1) {
+    run(std::true_type{});
+  } else {
+    run(std::false_type{});
+  }
+}
+
+at::Tensor prologue(const at::Tensor& x, const c10::optional<at::Tensor>& in_scale,
+                    const c10::optional<at::Tensor>& in_shift, bool relu) {
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t c = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_stats_prologue", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // Absent scale/shift as identity vectors: x * 1 + 0 == x exactly, one loop for all cases.
+    std::vector<acc_t> ones(in_scale.has_value() ? 0 : c, acc_t(1));
+    std::vector<acc_t> zeros(in_shift.has_value() ? 0 : c, acc_t(0));
+    at::Tensor s, b;
+    if (in_scale.has_value()) s = in_scale->contiguous();
+    if (in_shift.has_value()) b = in_shift->contiguous();
+    prologue_impl<scalar_t>(x, s.defined() ? s.const_data_ptr<acc_t>() : ones.data(),
+                            b.defined() ? b.const_data_ptr<acc_t>() : zeros.data(), relu,
+                            out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-channel mean and M2 of z, viewed as (M, K) rows.
+//
+// Each fixed chunk of kChunkRows rows is summed in double around a shift (the chunk's first
+// row), so the sums stay small even when |mean| >> std: mean = shift + s1/n,
+// M2 = s2 - s1^2/n loses nothing worth mentioning in double when the shift is a sample of
+// the data. Chunks then merge in order with Chan's formula. Neither step depends on how
+// chunks are spread over threads.
+
+template <typename scalar_t>
+void mean_m2_impl(const scalar_t* z, int64_t m, int64_t k, double* mean, double* m2) {
+  const int64_t nchunks = (m + kChunkRows - 1) / kChunkRows;
+  std::vector<double> part(static_cast<size_t>(2 * nchunks * k));  // [chunk][mean|M2][channel]
+  at::parallel_for(0, nchunks, chunk_grain(k), [&](int64_t c0, int64_t c1) {
+    std::vector<double> buf(static_cast<size_t>(3 * k));
+    double* __restrict shift = buf.data();
+    double* __restrict s1 = shift + k;
+    double* __restrict s2 = s1 + k;
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t r0 = ch * kChunkRows, r1 = std::min(m, r0 + kChunkRows);
+      const scalar_t* first = z + r0 * k;
+      for (int64_t c = 0; c < k; ++c) {
+        shift[c] = static_cast<double>(first[c]);
+        s1[c] = 0.0;
+        s2[c] = 0.0;
+      }
+      for (int64_t r = r0 + 1; r < r1; ++r) {
+        const scalar_t* row = z + r * k;
+        FUSED_RESNET_IVDEP
+        for (int64_t c = 0; c < k; ++c) {
+          const double d = static_cast<double>(row[c]) - shift[c];
+          s1[c] += d;
+          s2[c] += d * d;
+        }
+      }
+      const double cnt = static_cast<double>(r1 - r0);
+      double* pm = part.data() + 2 * ch * k;
+      double* pm2 = pm + k;
+      for (int64_t c = 0; c < k; ++c) {
+        pm[c] = shift[c] + s1[c] / cnt;
+        pm2[c] = std::max(s2[c] - s1[c] * s1[c] / cnt, 0.0);
+      }
+    }
+  });
+  if (m == 0) {
+    // An empty batch: mean 0/0 = NaN and M2 an empty sum = 0, as reference.py gives.
+    std::fill(mean, mean + k, std::numeric_limits<double>::quiet_NaN());
+    std::fill(m2, m2 + k, 0.0);
+    return;
+  }
+  std::fill(mean, mean + k, 0.0);
+  std::fill(m2, m2 + k, 0.0);
+  double na = 0.0;
+  for (int64_t ch = 0; ch < nchunks; ++ch) {
+    const double nb = static_cast<double>(std::min(m, (ch + 1) * kChunkRows) - ch * kChunkRows);
+    const double n = na + nb;
+    const double wb = nb / n, wab = na * nb / n;
+    const double* pm = part.data() + 2 * ch * k;
+    const double* pm2 = pm + k;
+    for (int64_t c = 0; c < k; ++c) {
+      const double delta = pm[c] - mean[c];
+      mean[c] += delta * wb;
+      m2[c] += pm2[c] + delta * delta * wab;
+    }
+    na = n;
+  }
+}
+
+// stats (2, K) in the accumulation dtype <- (mean, M2) of z.
+at::Tensor channel_stats(const at::Tensor& z) {
+  const int64_t k = z.size(1);
+  const int64_t m = k == 0 ? 0 : z.numel() / k;
+  std::vector<double> mean(k), m2(k);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "conv_stats", [&] {
+    mean_m2_impl<scalar_t>(z.const_data_ptr<scalar_t>(), m, k, mean.data(), m2.data());
+  });
+  at::Tensor stats = at::empty({2, k}, z.options().dtype(acc_dtype(z.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "conv_stats", [&] {
+    scalar_t* p = stats.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < k; ++c) {
+      p[c] = static_cast<scalar_t>(mean[c]);
+      p[k + c] = static_cast<scalar_t>(m2[c]);
+    }
+  });
+  return stats;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops
+
+at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                           const at::Tensor& shift, const c10::optional<at::Tensor>& residual,
+                           at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, int64_t groups, bool relu) {
+  const ConvGeometry geo = check_conv(x, weight, stride, padding, dilation, groups);
+  check_cpu(x, "x");
+  const int64_t k = weight.size(0);
+  const auto acc = acc_dtype(x.scalar_type());
+  check_vector(scale, "scale", k, acc, x.device());
+  check_vector(shift, "shift", k, acc, x.device());
+  check_residual(residual, "residual", geo.out_shape, x, "x");
+
+  at::Tensor y = convolve(channels_last_input(x), weight, geo, stride, padding, dilation, groups);
+  at::Tensor r;
+  if (residual.has_value() && residual->defined()) r = channels_last_input(*residual);
+  // y is a fresh buffer, so the epilogue overwrites it in place.
+  affine_add_act(y, y, scale, shift, r, at::Tensor(), at::Tensor(), relu);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_stats_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& in_scale,
+    const c10::optional<at::Tensor>& in_shift, bool in_relu, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const ConvGeometry geo = check_conv(x, weight, stride, padding, dilation, groups);
+  check_cpu(x, "x");
+  const int64_t c = x.size(1);
+  const auto acc = acc_dtype(x.scalar_type());
+  check_vector(in_scale, "in_scale", c, acc, x.device());
+  check_vector(in_shift, "in_shift", c, acc, x.device());
+
+  const bool has_scale = in_scale.has_value() && in_scale->defined();
+  const bool has_shift = in_shift.has_value() && in_shift->defined();
+  const at::Tensor xin = (has_scale || has_shift || in_relu)
+                             ? prologue(x, has_scale ? in_scale : c10::nullopt,
+                                        has_shift ? in_shift : c10::nullopt, in_relu)
+                             : channels_last_input(x);
+  at::Tensor z = convolve(xin, weight, geo, stride, padding, dilation, groups);
+  return {z, channel_stats(z)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {
+  m.impl("conv_bn_act", &conv_bn_act_cpu);
+  m.impl("conv_stats", &conv_stats_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fused_resnet

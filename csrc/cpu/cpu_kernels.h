@@ -1,0 +1,89 @@
+// Internal interface between the CPU translation units (conv.cpp, bn.cpp).
+//
+// Every kernel works on channels_last-contiguous activations viewed as a row-major
+// (M, K) matrix: M = N*H*W pixels, K channels, element (m, k) at data[m*K + k]. That view
+// is valid for any tensor for which is_contiguous(ChannelsLast) holds, even when a size-1
+// dimension carries a non-canonical stride, because such a stride never moves the address.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/MemoryFormat.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace fused_resnet {
+namespace cpu {
+
+// Reductions split the pixel range into chunks of this many rows regardless of the number
+// of threads, and merge the chunk results in chunk order: the result is then bitwise the
+// same for any thread count.
+constexpr int64_t kChunkRows = 256;
+
+// On the channel loops of the kernels: their arrays are distinct buffers (or, in place, the
+// same element read then written), which the compiler cannot prove, and with this many
+// pointers it gives up on run-time alias checks and does not vectorize.
+#if defined(__clang__)
+#define FUSED_RESNET_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define FUSED_RESNET_IVDEP _Pragma("GCC ivdep")
+#else
+#define FUSED_RESNET_IVDEP
+#endif
+
+// Rounds an accumulation-type value to the activation dtype: static_cast, except for
+// bfloat16, where c10's round-to-nearest-even branches on NaN and so keeps the channel loops
+// from vectorizing. Same bits as c10 (0x7FC0 for NaN, RNE otherwise), as a select.
+template <typename scalar_t, typename acc_t>
+inline scalar_t round_to(acc_t v) {
+  return static_cast<scalar_t>(v);
+}
+template <>
+inline c10::BFloat16 round_to<c10::BFloat16, float>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rne = (u + ((u >> 16) & 1u) + 0x7FFFu) >> 16;
+  const uint16_t bits = static_cast<uint16_t>(v != v ? 0x7FC0u : rne);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
+
+// Work per parallel task of about 32K elements (at::internal::GRAIN_SIZE): rows of k
+// channels for elementwise passes, chunks of rows for the chunked reductions.
+inline int64_t row_grain(int64_t k) {
+  return std::max<int64_t>(1, int64_t{32768} / std::max<int64_t>(k, 1));
+}
+inline int64_t chunk_grain(int64_t k) { return std::max<int64_t>(1, row_grain(k) / kChunkRows); }
+
+// The dispatcher picks this kernel when some argument is a CPU tensor; the others are
+// checked against x/z/stats by check_like / check_vector. This makes the device contract
+// explicit for the one argument everything else is compared to.
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor (CPU kernel), got device ",
+              t.device());
+}
+
+// A channels_last-contiguous copy of an activation input (the input itself when it already is).
+inline at::Tensor channels_last_input(const at::Tensor& t) {
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// A fresh tensor (not an input) returned as an op output: give it exactly the strides
+// at::empty(..., ChannelsLast) gives, so that outputs match the fake kernels stride for stride.
+// ATen's convolution may return e.g. (K, 1, 1, 1) instead of (K, 1, K, K) for a 1x1 output,
+// which is channels_last-contiguous but has different strides; restriding it is free.
+at::Tensor canonical_channels_last(const at::Tensor& t);
+
+// out = act(z * scale + shift (+ residual * res_scale + res_shift)), the elementwise math in
+// the accumulation type and rounded once. `out` may be `z` itself (in place). residual,
+// res_scale, res_shift may be undefined (absent; absent res_scale is 1, res_shift 0).
+// z, residual, out: channels_last-contiguous, same shape and dtype; vectors: (K,) contiguous
+// in the accumulation dtype.
+void affine_add_act(const at::Tensor& out, const at::Tensor& z, const at::Tensor& scale,
+                    const at::Tensor& shift, const at::Tensor& residual,
+                    const at::Tensor& res_scale, const at::Tensor& res_shift, bool relu);
+
+}  // namespace cpu
+}  // namespace fused_resnet
