@@ -1,0 +1,379 @@
+// CUDA implementations of the fused_resnet ops (schemas: csrc/ops.cpp; meaning:
+// fused_resnet/reference.py). Host glue only: validates arguments, lays tensors out as
+// NHWC, runs the convolution through ATen (cuDNN) and hands raw pointers to the launchers
+// of kernels.cu.
+//
+// What this first CUDA backend fuses: everything around the convolution. The conv itself
+// is at::convolution on a channels_last input; its epilogue (conv_bn_act), the input
+// prologue and the statistics (conv_stats) are our own kernels, one launch each (two for
+// the deterministic statistics: per-chunk partials, then a fixed-order merge).
+//
+// Graph-capture safety: no host synchronization, no .item(), workspaces come from the
+// caching allocator (at::empty) and every launch goes to the current stream.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/accumulate.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+#include "kernels.cuh"
+
+namespace fused_resnet {
+namespace {
+
+namespace fk = fused_resnet::cuda;
+constexpr auto kCL = at::MemoryFormat::ChannelsLast;
+
+fk::DType to_kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return fk::DType::Float32;
+    case at::kHalf:
+      return fk::DType::Float16;
+    case at::kBFloat16:
+      return fk::DType::BFloat16;
+    case at::kDouble:
+      return fk::DType::Float64;
+    default:
+      TORCH_CHECK(false, "fused_resnet CUDA kernels: unsupported dtype ", t);
+  }
+}
+
+inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
+}
+
+// A dense copy (or the tensor itself) of an optional per-channel vector; undefined if absent.
+at::Tensor dense_vector(const std::optional<at::Tensor>& v) {
+  return present(v) ? v->contiguous() : at::Tensor();
+}
+
+const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+// NHWC rows of a (N, C, H, W) shape.
+int64_t rows_of(at::IntArrayRef sizes) { return sizes[0] * sizes[2] * sizes[3]; }
+
+at::Tensor empty_nhwc(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return at::empty(sizes, opts.memory_format(kCL));
+}
+
+// True when t has exactly the strides at::empty(..., channels_last) gives its sizes, i.e.
+// it is a dense [N*H*W, C] row-major matrix laid out the way our outputs are promised.
+bool has_nhwc_strides(const at::Tensor& t) {
+  const auto s = t.sizes();
+  const auto st = t.strides();
+  return st[1] == 1 && st[3] == s[1] && st[2] == s[1] * s[3] && st[0] == s[1] * s[3] * s[2];
+}
+
+// conv(x, w) in x's dtype with NHWC output. x is already channels_last-contiguous, so cuDNN
+// runs NHWC and returns NHWC; anything else (float64, which cuDNN runs NCHW, or odd strides
+// for size-1 dims) is copied once into a fresh NHWC tensor.
+at::Tensor conv_nhwc(const at::Tensor& xin, const at::Tensor& w, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                     at::IntArrayRef out_shape) {
+  if (c10::multiply_integers(out_shape) == 0) return empty_nhwc(out_shape, xin.options());
+  at::Tensor c = at::convolution(xin, w, std::nullopt, stride, padding, dilation,
+                                 /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
+  TORCH_INTERNAL_ASSERT(c.sizes() == out_shape, "conv output shape ", c.sizes(), " != ", out_shape);
+  if (!has_nhwc_strides(c)) {
+    at::Tensor out = empty_nhwc(out_shape, c.options());
+    out.copy_(c);
+    c = out;
+  }
+  return c;
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// ---------------------------------------------------------------------------------------
+
+at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                            const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                            at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups, bool relu) {
+  check_cuda(x, "x");
+  const ConvGeometry geo = check_conv(x, weight, stride, padding, dilation, groups);
+  const at::IntArrayRef out_shape(geo.out_shape);
+  const auto acc = acc_dtype(x.scalar_type());
+  const int64_t k = weight.size(0);
+  check_vector(scale, "scale", k, acc, x.device());
+  check_vector(shift, "shift", k, acc, x.device());
+  check_residual(residual, "residual", out_shape, x, "x");
+
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = conv_nhwc(x.contiguous(kCL), weight, stride, padding, dilation, groups, out_shape);
+  if (y.numel() == 0) return y;
+  const at::Tensor res = present(residual) ? residual->contiguous(kCL) : at::Tensor();
+  const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
+  fk::ChannelAffine p;
+  p.scale = sc.const_data_ptr();
+  p.shift = sh.const_data_ptr();
+  // In place on the fresh conv output: one read and one write of y.
+  C10_CUDA_CHECK(fk::affine_act(to_kernel_dtype(x.scalar_type()), y.const_data_ptr(),
+                                ptr_or_null(res), y.data_ptr(), rows_of(out_shape), k, p, relu,
+                                current_stream()));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_stats_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& in_scale,
+    const std::optional<at::Tensor>& in_shift, bool in_relu, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_cuda(x, "x");
+  const ConvGeometry geo = check_conv(x, weight, stride, padding, dilation, groups);
+  const at::IntArrayRef out_shape(geo.out_shape);
+  const auto acc = acc_dtype(x.scalar_type());
+  const int64_t c = x.size(1), k = weight.size(0);
+  check_vector(in_scale, "in_scale", c, acc, x.device());
+  check_vector(in_shift, "in_shift", c, acc, x.device());
+
+  c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = current_stream();
+  const fk::DType dt = to_kernel_dtype(x.scalar_type());
+  at::Tensor xin = x.contiguous(kCL);
+  if (present(in_scale) || present(in_shift) || in_relu) {
+    // Prologue: relu?(x * in_scale + in_shift) rounded to x's dtype, as the conv consumes
+    // it; zero padding then applies to the transformed input, as the contract says.
+    const at::Tensor isc = dense_vector(in_scale), ish = dense_vector(in_shift);
+    at::Tensor t = empty_nhwc(x.sizes(), x.options());
+    fk::ChannelAffine p;
+    p.scale = ptr_or_null(isc);
+    p.shift = ptr_or_null(ish);
+    C10_CUDA_CHECK(fk::affine_act(dt, xin.const_data_ptr(), nullptr, t.data_ptr(),
+                                  rows_of(x.sizes()), c, p, in_relu, stream));
+    xin = t;
+  }
+  at::Tensor z = conv_nhwc(xin, weight, stride, padding, dilation, groups, out_shape);
+  const at::TensorOptions acc_opts = x.options().dtype(acc);
+  at::Tensor stats = at::empty({2, k}, acc_opts);
+  const int64_t rows = rows_of(out_shape);
+  const int64_t chunks = fk::reduce_chunks(rows, k);
+  at::Tensor ws = at::empty({chunks * 2 * k}, x.options().dtype(at::kDouble));
+  C10_CUDA_CHECK(fk::channel_stats(dt, z.const_data_ptr(), rows, k, ws.data_ptr(),
+                                   stats.data_ptr(), stream));
+  return {z, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda(
+    const at::Tensor& stats, int64_t count, const std::optional<at::Tensor>& gamma,
+    const std::optional<at::Tensor>& beta, double eps) {
+  check_stats(stats, "stats");
+  check_cuda(stats, "stats");
+  TORCH_CHECK(count >= 0, "count: expected >= 0, got ", count);
+  const int64_t k = stats.size(1);
+  const auto acc = stats.scalar_type();
+  check_vector(gamma, "gamma", k, acc, stats.device());
+  check_vector(beta, "beta", k, acc, stats.device());
+
+  c10::cuda::CUDAGuard guard(stats.device());
+  const at::Tensor st = stats.contiguous();
+  const at::Tensor g = dense_vector(gamma), b = dense_vector(beta);
+  // Four separate tensors: outputs of an op must not alias its inputs or each other (the
+  // reference's save_mean is a view of stats; ours is a copy).
+  at::Tensor scale = at::empty({k}, stats.options());
+  at::Tensor shift = at::empty({k}, stats.options());
+  at::Tensor save_mean = at::empty({k}, stats.options());
+  at::Tensor save_invstd = at::empty({k}, stats.options());
+  C10_CUDA_CHECK(fk::bn_finalize(to_kernel_dtype(acc), st.const_data_ptr(), k, count,
+                                 ptr_or_null(g), ptr_or_null(b), eps, scale.data_ptr(),
+                                 shift.data_ptr(), save_mean.data_ptr(), save_invstd.data_ptr(),
+                                 current_stream()));
+  return {scale, shift, save_mean, save_invstd};
+}
+
+void check_running(const at::Tensor& t, const char* name, int64_t k, const at::Device& device) {
+  TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
+  TORCH_CHECK(t.device() == device, name, ": expected device ", device, " (same as stats), got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == k, name, ": expected shape (", k, ",), got ", t.sizes());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              name, ": expected float32, float64, float16 or bfloat16, got ", dt);
+}
+
+void bn_update_running_stats_cuda(const at::Tensor& stats, int64_t count,
+                                  const at::Tensor& running_mean, const at::Tensor& running_var,
+                                  const std::optional<at::Tensor>& num_batches_tracked,
+                                  std::optional<double> momentum) {
+  check_stats(stats, "stats");
+  check_cuda(stats, "stats");
+  TORCH_CHECK(count >= 0, "count: expected >= 0, got ", count);
+  const int64_t k = stats.size(1);
+  check_running(running_mean, "running_mean", k, stats.device());
+  check_running(running_var, "running_var", k, stats.device());
+  TORCH_CHECK(running_var.scalar_type() == running_mean.scalar_type(), "running_var: expected dtype ",
+              running_mean.scalar_type(), " (same as running_mean), got ", running_var.scalar_type());
+  const bool has_nbt = present(num_batches_tracked);
+  if (has_nbt) {
+    const at::Tensor& n = *num_batches_tracked;
+    TORCH_CHECK(n.device() == stats.device(), "num_batches_tracked: expected device ",
+                stats.device(), " (same as stats), got ", n.device());
+    TORCH_CHECK(n.scalar_type() == at::kLong, "num_batches_tracked: expected dtype int64, got ",
+                n.scalar_type());
+    TORCH_CHECK(n.numel() == 1, "num_batches_tracked: expected a single element, got shape ",
+                n.sizes());
+  }
+  TORCH_CHECK(momentum.has_value() || has_nbt,
+              "momentum: None (cumulative moving average) needs num_batches_tracked, got None");
+
+  c10::cuda::CUDAGuard guard(stats.device());
+  const at::Tensor st = stats.contiguous();
+  // Non-dense buffers are updated through a dense copy and written back (stream-ordered).
+  at::Tensor rm = running_mean.is_contiguous() ? running_mean : running_mean.contiguous();
+  at::Tensor rv = running_var.is_contiguous() ? running_var : running_var.contiguous();
+  int64_t* nbt = has_nbt ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
+  C10_CUDA_CHECK(fk::bn_update_running_stats(
+      to_kernel_dtype(st.scalar_type()), st.const_data_ptr(), k, count,
+      to_kernel_dtype(rm.scalar_type()), rm.data_ptr(), rv.data_ptr(), nbt, momentum.has_value(),
+      momentum.value_or(0.0), current_stream()));
+  if (!rm.is_same(running_mean)) running_mean.copy_(rm);
+  if (!rv.is_same(running_var)) running_var.copy_(rv);
+}
+
+at::Tensor bn_add_act_cuda(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                           const std::optional<at::Tensor>& residual,
+                           const std::optional<at::Tensor>& res_scale,
+                           const std::optional<at::Tensor>& res_shift, bool relu) {
+  check_activation(z, "z");
+  check_cuda(z, "z");
+  const int64_t k = z.size(1);
+  const auto acc = acc_dtype(z.scalar_type());
+  check_vector(scale, "scale", k, acc, z.device());
+  check_vector(shift, "shift", k, acc, z.device());
+  check_vector(res_scale, "res_scale", k, acc, z.device());
+  check_vector(res_shift, "res_shift", k, acc, z.device());
+  check_residual(residual, "residual", z.sizes(), z, "z");
+
+  c10::cuda::CUDAGuard guard(z.device());
+  at::Tensor y = empty_nhwc(z.sizes(), z.options());
+  if (y.numel() == 0) return y;
+  const at::Tensor zc = z.contiguous(kCL);
+  const bool has_res = present(residual);
+  const at::Tensor res = has_res ? residual->contiguous(kCL) : at::Tensor();
+  const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
+  // As the reference: the residual's own BN only means something with a residual.
+  const at::Tensor rsc = has_res ? dense_vector(res_scale) : at::Tensor();
+  const at::Tensor rsh = has_res ? dense_vector(res_shift) : at::Tensor();
+  fk::ChannelAffine p;
+  p.scale = sc.const_data_ptr();
+  p.shift = sh.const_data_ptr();
+  p.res_scale = ptr_or_null(rsc);
+  p.res_shift = ptr_or_null(rsh);
+  C10_CUDA_CHECK(fk::affine_act(to_kernel_dtype(z.scalar_type()), zc.const_data_ptr(),
+                                ptr_or_null(res), y.data_ptr(), rows_of(z.sizes()), k, p, relu,
+                                current_stream()));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_act_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& scale,
+    const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& res_scale, const std::optional<at::Tensor>& res_shift,
+    bool relu) {
+  check_activation(z, "z");
+  check_cuda(z, "z");
+  check_activation(grad_out, "grad_out");
+  check_like(grad_out, "grad_out", z, "z");
+  TORCH_CHECK(grad_out.sizes() == z.sizes(), "grad_out: expected shape ", z.sizes(),
+              " (same as z), got ", grad_out.sizes());
+  const int64_t k = z.size(1);
+  const auto acc = acc_dtype(z.scalar_type());
+  check_vector(scale, "scale", k, acc, z.device());
+  check_vector(shift, "shift", k, acc, z.device());
+  check_vector(res_scale, "res_scale", k, acc, z.device());
+  check_vector(res_shift, "res_shift", k, acc, z.device());
+  check_residual(residual, "residual", z.sizes(), z, "z");
+
+  c10::cuda::CUDAGuard guard(z.device());
+  const bool has_res = present(residual);
+  const bool has_rs = has_res && present(res_scale);
+  const at::TensorOptions acc_opts = z.options().dtype(acc);
+  at::Tensor grad_z = empty_nhwc(z.sizes(), z.options());
+  at::Tensor grad_scale = at::empty({k}, acc_opts);
+  at::Tensor grad_shift = at::empty({k}, acc_opts);
+  // Empty (numel 0) 1-D tensors where the reference returns them.
+  at::Tensor grad_residual = has_res ? empty_nhwc(z.sizes(), z.options()) : at::empty({0}, z.options());
+  at::Tensor grad_res_scale = has_rs ? at::empty({k}, acc_opts) : at::empty({0}, acc_opts);
+
+  const at::Tensor go = grad_out.contiguous(kCL), zc = z.contiguous(kCL);
+  const at::Tensor res = has_res ? residual->contiguous(kCL) : at::Tensor();
+  const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
+  const at::Tensor rsc = has_res ? dense_vector(res_scale) : at::Tensor();
+  const at::Tensor rsh = has_res ? dense_vector(res_shift) : at::Tensor();
+  const int64_t rows = rows_of(z.sizes());
+  at::Tensor ws = at::empty({fk::reduce_chunks(rows, k) * 3 * k}, acc_opts);
+  C10_CUDA_CHECK(fk::bn_add_act_backward(
+      to_kernel_dtype(z.scalar_type()), go.const_data_ptr(), zc.const_data_ptr(),
+      ptr_or_null(res), sc.const_data_ptr(), sh.const_data_ptr(), ptr_or_null(rsc),
+      ptr_or_null(rsh), relu, rows, k, grad_z.data_ptr(),
+      has_res ? grad_residual.data_ptr() : nullptr, ws.data_ptr(), grad_scale.data_ptr(),
+      grad_shift.data_ptr(), has_rs ? grad_res_scale.data_ptr() : nullptr, current_stream()));
+  return {grad_z, grad_scale, grad_shift, grad_residual, grad_res_scale};
+}
+
+at::Tensor stats_backward_cuda(const at::Tensor& grad_z, const at::Tensor& grad_stats,
+                               const at::Tensor& z, const at::Tensor& stats, int64_t count) {
+  check_activation(z, "z");
+  check_cuda(z, "z");
+  check_activation(grad_z, "grad_z");
+  check_like(grad_z, "grad_z", z, "z");
+  TORCH_CHECK(grad_z.sizes() == z.sizes(), "grad_z: expected shape ", z.sizes(),
+              " (same as z), got ", grad_z.sizes());
+  const int64_t k = z.size(1);
+  const auto acc = acc_dtype(z.scalar_type());
+  check_stats(stats, "stats", k);
+  check_stats(grad_stats, "grad_stats", k);
+  auto check_acc_like_z = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == z.device(), name, ": expected device ", z.device(),
+                " (same as z), got ", t.device());
+    TORCH_CHECK(t.scalar_type() == acc, name, ": expected dtype ", acc,
+                " (the accumulation dtype of z's ", z.scalar_type(), "), got ", t.scalar_type());
+  };
+  check_acc_like_z(stats, "stats");
+  check_acc_like_z(grad_stats, "grad_stats");
+  TORCH_CHECK(count >= 0, "count: expected >= 0, got ", count);
+
+  c10::cuda::CUDAGuard guard(z.device());
+  at::Tensor out = empty_nhwc(z.sizes(), z.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor zc = z.contiguous(kCL), gz = grad_z.contiguous(kCL);
+  const at::Tensor st = stats.contiguous(), gst = grad_stats.contiguous();
+  // grad_z + grad_mean / count + 2 * grad_M2 * (z - mean), as the elementwise family's
+  // (z - center) * scale * scale_mul + shift * shift_mul + residual: subtracting the mean
+  // before scaling keeps it accurate when |mean| >> std.
+  const size_t row_bytes = static_cast<size_t>(k) * c10::elementSize(acc);
+  fk::ChannelAffine p;
+  p.center = st.const_data_ptr();
+  p.scale = static_cast<const char*>(gst.const_data_ptr()) + row_bytes;
+  p.scale_mul = 2.0;
+  p.shift = gst.const_data_ptr();
+  p.shift_mul = 1.0 / static_cast<double>(count);
+  C10_CUDA_CHECK(fk::affine_act(to_kernel_dtype(z.scalar_type()), zc.const_data_ptr(),
+                                gz.const_data_ptr(), out.data_ptr(), rows_of(z.sizes()), k, p,
+                                /*relu=*/false, current_stream()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
+  m.impl("conv_bn_act", &conv_bn_act_cuda);
+  m.impl("conv_stats", &conv_stats_cuda);
+  m.impl("bn_finalize", &bn_finalize_cuda);
+  m.impl("bn_update_running_stats", &bn_update_running_stats_cuda);
+  m.impl("bn_add_act", &bn_add_act_cuda);
+  m.impl("bn_add_act_backward", &bn_add_act_backward_cuda);
+  m.impl("stats_backward", &stats_backward_cuda);
+}
+
+}  // namespace fused_resnet
