@@ -132,7 +132,9 @@ def bn_finalize(
     invstd = torch.rsqrt(m2 / count + eps)
     scale = invstd if gamma is None else gamma * invstd
     shift = -mean * scale if beta is None else beta - mean * scale
-    return scale, shift, mean, invstd
+    # Fresh tensors, as the kernels return: no output aliases stats or another output.
+    scale = invstd.clone() if gamma is None else scale
+    return scale, shift, mean.clone(), invstd
 
 
 def bn_update_running_stats(

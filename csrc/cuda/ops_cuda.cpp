@@ -169,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda(
     const std::optional<at::Tensor>& beta, double eps) {
   check_stats(stats, "stats");
   check_cuda(stats, "stats");
-  TORCH_CHECK(count >= 0, "count: expected >= 0, got ", count);
+  TORCH_CHECK(count >= 1, "count: expected >= 1 (values per channel in stats), got ", count);
   const int64_t k = stats.size(1);
   const auto acc = stats.scalar_type();
   check_vector(gamma, "gamma", k, acc, stats.device());
@@ -207,7 +207,8 @@ void bn_update_running_stats_cuda(const at::Tensor& stats, int64_t count,
                                   std::optional<double> momentum) {
   check_stats(stats, "stats");
   check_cuda(stats, "stats");
-  TORCH_CHECK(count >= 0, "count: expected >= 0, got ", count);
+  TORCH_CHECK(count > 1, "count: expected more than 1 value per channel when training (as "
+              "nn.BatchNorm2d), got ", count);
   const int64_t k = stats.size(1);
   check_running(running_mean, "running_mean", k, stats.device());
   check_running(running_var, "running_var", k, stats.device());
@@ -341,7 +342,8 @@ at::Tensor stats_backward_cuda(const at::Tensor& grad_z, const at::Tensor& grad_
   };
   check_acc_like_z(stats, "stats");
   check_acc_like_z(grad_stats, "grad_stats");
-  TORCH_CHECK(count >= 0, "count: expected >= 0, got ", count);
+  TORCH_CHECK(count >= 1 || z.numel() == 0,
+              "count: expected >= 1 (values per channel in stats), got ", count);
 
   c10::cuda::CUDAGuard guard(z.device());
   at::Tensor out = empty_nhwc(z.sizes(), z.options());

@@ -17,7 +17,6 @@ Needs a CUDA device and a build with the CUDA kernels; skips cleanly otherwise.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pytest
@@ -148,7 +147,9 @@ def assert_rule(actual, expected, dtype, eager=None, what="output"):
     expected: the float64 reference; eager: PyTorch's own computation in `dtype` (None when
     there is none worth comparing with: the floor alone then applies).
     """
-    assert tuple(actual.shape) == tuple(expected.shape), f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     a, e = d64(actual), d64(expected)
     if a.numel() == 0:
         return
@@ -390,7 +391,7 @@ def test_bn_add_act_backward(shape, dtype, variant, relu):
     own = ref.bn_add_act_backward(go, z, scale, shift, res, rs, rsh, relu)  # torch in `dtype`
     names = ["grad_z", "grad_scale", "grad_shift", "grad_residual", "grad_res_scale"]
     acc = ref.acc_dtype(dtype)
-    for name, a, e, o in zip(names, out, exp, own):
+    for name, a, e, o in zip(names, out, exp, own, strict=True):
         assert tuple(a.shape) == tuple(o.shape), f"{name}: shape {tuple(a.shape)} != {tuple(o.shape)}"
         assert a.dtype == o.dtype and a.device == z.device, f"{name}: {a.dtype} on {a.device}"
         if a.dim() == 4:
@@ -436,7 +437,7 @@ def test_bn_finalize(acc, affine, k):
     out = ops().bn_finalize(stats, count, gamma, beta, 1e-5)
     exp = ref.bn_finalize(d64(stats), count, d64(gamma), d64(beta), 1e-5)
     own = ref.bn_finalize(stats, count, gamma, beta, 1e-5)
-    for name, a, e, o in zip(["scale", "shift", "save_mean", "save_invstd"], out, exp, own):
+    for name, a, e, o in zip(["scale", "shift", "save_mean", "save_invstd"], out, exp, own, strict=True):
         assert a.dtype == acc and a.shape == (k,)
         assert_rule(a, e, acc, o, f"bn_finalize {name}")
     # Outputs must not alias the inputs (the reference's save_mean is a view of stats).
@@ -495,7 +496,7 @@ def test_deterministic(dtype):
     go = rand(8, 256, 28, 28, dtype=dtype)
     b1 = ops().bn_add_act_backward(go, zz, scale, shift, res, rs, rsh, True)
     b2 = ops().bn_add_act_backward(go, zz, scale, shift, res, rs, rsh, True)
-    for a, b in zip(b1, b2):
+    for a, b in zip(b1, b2, strict=True):
         assert a.shape == b.shape and torch.equal(a, b), "bn_add_act_backward differs between identical runs"
 
 
