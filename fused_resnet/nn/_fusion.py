@@ -1,0 +1,285 @@
+"""The engine under the fused modules: one conv + norm "unit" at a time, through the fused ops.
+
+Nothing here is a module. :mod:`fused_resnet.nn.modules` and :mod:`fused_resnet.models` call
+these helpers with their ordinary ``nn.Conv2d`` / ``nn.BatchNorm2d`` submodules.
+
+Vocabulary:
+
+* A *unit* is a ``Conv2d`` followed by a norm layer, optionally ReLU, optionally a shortcut
+  added before the ReLU.
+* Each unit runs in one of two *modes*, decided per call from the norm layer alone (so a block in
+  ``train()`` whose BNs were put in ``eval()`` to freeze them folds, exactly as PyTorch would
+  compute it):
+
+  - ``"fold"``: the norm uses running statistics (``BatchNorm2d`` in eval with running stats,
+    ``FrozenBatchNorm2d`` always): ``scale``/``shift`` are folded and the whole unit is ONE
+    :func:`~fused_resnet.functional.conv_bn_act` call.
+  - ``"batch"``: the norm uses batch statistics (``BatchNorm2d`` in training, or with
+    ``track_running_stats=False``): :func:`~fused_resnet.functional.conv_stats` then
+    :func:`~fused_resnet.functional.bn_finalize`; the BN (+ ReLU) is *not* applied yet but
+    carried as a pending transform (:class:`Act`) that the next conv applies as it loads its input
+    (the prologue) or the block's :func:`~fused_resnet.functional.bn_add_act` applies at the end.
+* Any other norm layer (GroupNorm, LayerNorm, SyncBatchNorm, Identity, ...) cannot be fused;
+  :func:`norm_mode` returns the reason and the caller runs its modules unfused.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .. import backends, reference
+from .. import functional as F
+
+try:  # torchvision is a dependency, but keep the engine importable without it
+    from torchvision.ops import FrozenBatchNorm2d as _FrozenBN
+except Exception:  # pragma: no cover - torchvision missing or broken
+    _FrozenBN = None
+
+_CL = torch.channels_last
+
+FOLD = "fold"
+BATCH = "batch"
+
+
+def check_backend(backend) -> str | None:
+    """Validate a module's ``backend`` attribute: None (auto) or one of :data:`backends.BACKENDS`/``auto``."""
+    if backend is None:
+        return None
+    if not isinstance(backend, str) or backend.lower() not in backends.BACKENDS + ("auto",):
+        raise ValueError(f"backend: expected None or one of {', '.join(backends.BACKENDS)}, 'auto'; got {backend!r}")
+    return backend.lower()
+
+
+def is_frozen_bn(m: nn.Module) -> bool:
+    return _FrozenBN is not None and isinstance(m, _FrozenBN)
+
+
+def is_fusable_norm(m: nn.Module) -> bool:
+    """``nn.BatchNorm2d`` (and subclasses) or ``torchvision.ops.FrozenBatchNorm2d``."""
+    return isinstance(m, nn.BatchNorm2d) or is_frozen_bn(m)
+
+
+def norm_reason(m) -> str | None:
+    """None if ``m`` is a norm layer the fused ops can run, else why not (one line)."""
+    if is_fusable_norm(m):
+        return None
+    if isinstance(m, nn.SyncBatchNorm):
+        return "SyncBatchNorm's statistics span processes; only BatchNorm2d/FrozenBatchNorm2d are fused"
+    return f"{type(m).__name__} is not a BatchNorm2d or FrozenBatchNorm2d; only those are fused"
+
+
+def norm_mode(m: nn.Module) -> str:
+    """``"fold"`` or ``"batch"`` for a fusable norm layer (see the module docstring).
+
+    ``BatchNorm2d`` uses batch statistics when ``training`` or when it has no running statistics
+    -- the same rule as ``nn.BatchNorm2d.forward``.
+    """
+    if is_frozen_bn(m):
+        return FOLD
+    if m.training or m.running_mean is None or m.running_var is None:
+        return BATCH
+    return FOLD
+
+
+def conv_reason(conv) -> str | None:
+    """None if ``conv`` is an ``nn.Conv2d`` the fused ops can run, else why not."""
+    if not isinstance(conv, nn.Conv2d):
+        return f"expected an nn.Conv2d, got {type(conv).__name__}"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}; only 'zeros' is fused"
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return None
+        if any(d * (k - 1) % 2 for k, d in zip(conv.kernel_size, conv.dilation, strict=True)):
+            return "padding='same' with an even effective kernel pads asymmetrically; not fused"
+    return None
+
+
+def conv_args(conv: nn.Conv2d) -> dict:
+    """stride/padding/dilation/groups of ``conv`` for the functional ops (string padding resolved)."""
+    padding = conv.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        else:  # 'same' with an odd effective kernel (conv_reason refused the rest)
+            padding = tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation, strict=True))
+    return dict(stride=tuple(conv.stride), padding=tuple(padding), dilation=tuple(conv.dilation),
+                groups=conv.groups)
+
+
+def _key(t: Tensor | None):
+    if t is None:
+        return None
+    return (id(t), t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape))
+
+
+def _fold(bn: nn.Module, conv_bias: Tensor | None, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    def cast(t):
+        return None if t is None else t.to(acc)
+
+    return reference.fold_bn(cast(bn.running_mean), cast(bn.running_var), cast(bn.weight), cast(bn.bias),
+                             float(bn.eps), cast(conv_bias))
+
+
+class FoldCache:
+    """Cached eval-mode ``(scale, shift)`` of one conv + norm unit.
+
+    The key holds, for every input of the fold (running mean/var, BN weight/bias, conv bias):
+    ``id``, ``_version`` (bumped by in-place edits, ``load_state_dict``'s ``copy_``, optimizer
+    steps), ``data_ptr``, device, dtype and shape (changed by ``.to()``, ``.half()``, ``.data =``),
+    plus eps, the target dtype and whether inference mode is on (an inference-mode tensor must not
+    reach a call that saves it for backward). Any change recomputes.
+
+    Decision: a fold that needs an autograd graph (grad mode on and a BN weight/bias or conv bias
+    requires grad -- e.g. fine-tuning with BN in eval) is recomputed every call and never cached,
+    because a cached graph would be freed by the first ``backward``. That recomputation is
+    (K,)-sized vector math, not an activation-sized op. Under ``torch.no_grad()``, with frozen
+    affine parameters, or with ``FrozenBatchNorm2d`` (buffers only), the cached values are used
+    and the unit runs only its one fused op.
+    """
+
+    __slots__ = ("_key", "_value")
+
+    def __init__(self) -> None:
+        self._key = None
+        self._value = None
+
+    def get(self, bn: nn.Module, conv_bias: Tensor | None, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+        inputs = (bn.running_mean, bn.running_var, bn.weight, bn.bias, conv_bias)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+            return _fold(bn, conv_bias, acc)
+        key = (acc, float(bn.eps), torch.is_inference_mode_enabled()) + tuple(_key(t) for t in inputs)
+        if key != self._key:
+            with torch.no_grad():
+                value = _fold(bn, conv_bias, acc)
+            self._key, self._value = key, value
+        return self._value
+
+    def clear(self) -> None:
+        self._key = self._value = None
+
+    def __getstate__(self):  # caches are not state: a copy or a pickle starts empty
+        return None
+
+    def __setstate__(self, state) -> None:
+        self.clear()
+
+    def __deepcopy__(self, memo):
+        return FoldCache()
+
+
+@dataclass
+class Act:
+    """An activation, possibly with a pending per-channel transform.
+
+    Its value is ``relu?(t * scale + shift)`` when ``scale`` is set (a batch-statistics BN not yet
+    applied), else ``t`` itself. ``t`` is (N, C, H, W), channels_last when it came from a fused op.
+    """
+
+    t: Tensor
+    scale: Tensor | None = None
+    shift: Tensor | None = None
+    relu: bool = False
+
+    @property
+    def pending(self) -> bool:
+        return self.scale is not None
+
+
+def materialize(a: Act, backend: str | None) -> Tensor:
+    """The value of ``a`` as a tensor: one :func:`~fused_resnet.functional.bn_add_act` if pending."""
+    if not a.pending:
+        return a.t
+    return F.bn_add_act(a.t, a.scale, a.shift, relu=a.relu, backend=backend)
+
+
+def run_unit(inp: Act, conv: nn.Conv2d, bn: nn.Module, cache: FoldCache, relu: bool, backend: str | None,
+             shortcut: Act | None = None, defer: bool = True) -> Act:
+    """Run ``relu?(bn(conv(inp)) + shortcut?)`` through the fused ops.
+
+    Args:
+        inp: the input, maybe with a pending transform (applied in ``conv_stats``' prologue in
+            batch mode; materialized first in fold mode, where ``conv_bn_act`` has no prologue).
+        conv, bn: the unit's modules (fusable: see :func:`conv_reason`, :func:`norm_reason`).
+        cache: this unit's :class:`FoldCache`.
+        relu: ReLU at the end.
+        shortcut: added before the ReLU; a pending shortcut (a projection's batch-statistics BN,
+            no ReLU) is applied on the fly by ``bn_add_act`` ("dual BN").
+        defer: in batch mode without a shortcut, return the raw conv output with the BN (+ ReLU)
+            pending instead of applying it (the next conv's prologue will).
+
+    Returns:
+        An :class:`Act`; pending only in batch mode with ``defer`` and no shortcut.
+    """
+    args = conv_args(conv)
+    if norm_mode(bn) == FOLD:
+        x = materialize(inp, backend)
+        scale, shift = cache.get(bn, conv.bias, reference.acc_dtype(x.dtype))
+        res = None if shortcut is None else materialize(shortcut, backend)
+        return Act(F.conv_bn_act(x, conv.weight, scale, shift, residual=res, relu=relu, backend=backend, **args))
+
+    z, stats = F.conv_stats(inp.t, conv.weight, inp.scale, inp.shift, inp.relu, backend=backend, **args)
+    scale, shift = batch_norm_affine(bn, stats, z, conv.bias, backend)
+    if shortcut is None:
+        out = Act(z, scale, shift, relu)
+        return out if defer else Act(materialize(out, backend))
+    if shortcut.pending and shortcut.relu:  # never built by the modules; kept correct anyway
+        shortcut = Act(materialize(shortcut, backend))
+    return Act(F.bn_add_act(z, scale, shift, residual=shortcut.t, res_scale=shortcut.scale,
+                            res_shift=shortcut.shift, relu=relu, backend=backend))
+
+
+def batch_norm_affine(bn: nn.Module, stats: Tensor, z: Tensor, conv_bias: Tensor | None,
+                      backend: str | None) -> tuple[Tensor, Tensor]:
+    """Training-mode BN of ``z (+ conv_bias)`` as ``(scale, shift)`` applied to ``z``.
+
+    Updates ``bn``'s running statistics and ``num_batches_tracked`` when it is training and tracks
+    them, exactly as ``nn.BatchNorm2d`` (``momentum=None`` = cumulative average). A conv bias does
+    not change the normalized output but does enter the running mean, so it is added to the batch
+    mean before :func:`~fused_resnet.functional.bn_finalize` and folded back into ``shift``.
+    """
+    acc = stats.dtype
+    count = z.numel() // z.shape[1] if z.shape[1] else 0
+    track = bn.training and bn.running_mean is not None and bn.running_var is not None
+    if conv_bias is not None:
+        stats = torch.stack([stats[0] + conv_bias.to(acc), stats[1]])
+    gamma = None if bn.weight is None else bn.weight.to(acc)
+    beta = None if bn.bias is None else bn.bias.to(acc)
+    scale, shift, _, _ = F.bn_finalize(
+        stats, count, gamma, beta,
+        bn.running_mean if track else None, bn.running_var if track else None,
+        bn.num_batches_tracked if track else None,
+        bn.momentum, float(bn.eps), backend=backend,
+    )
+    if conv_bias is not None:
+        shift = shift + conv_bias.to(acc) * scale
+    return scale, shift
+
+
+_warned: set[tuple[int, str]] = set()
+
+
+def warn_unfused(module: nn.Module, reason: str) -> None:
+    """One :class:`~fused_resnet.backends.FallbackWarning` per module instance and reason."""
+    key = (id(module), reason)
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"fused_resnet: {type(module).__name__} runs unfused (plain PyTorch modules): {reason}",
+                  backends.FallbackWarning, stacklevel=3)
+
+
+def check_input(x, channels: int, where: str) -> None:
+    """Clear errors for a module's input: a 4-D tensor with ``channels`` channels."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{where}: x: expected a 4-D input (N, C, H, W), got {x.dim()}-D with shape "
+                         f"{tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{where}: x: expected {channels} input channels (N, {channels}, H, W), got shape "
+                         f"{tuple(x.shape)}")
