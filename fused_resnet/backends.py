@@ -5,13 +5,17 @@ Backends:
 * ``torch``  -- :mod:`fused_resnet.reference`, plain PyTorch ops (any device/dtype, unfused).
 * ``cpu``    -- the C++ kernels in ``fused_resnet._C`` (CPU tensors).
 * ``cuda``   -- the CUDA kernels in ``fused_resnet._C`` (CUDA tensors).
-* ``triton`` -- Triton kernels (not implemented yet; always reported unavailable).
+* ``triton`` -- Triton kernels (:mod:`fused_resnet.triton`): CUDA tensors in float32/float16/bfloat16,
+  or CPU tensors (float32/float16) when ``TRITON_INTERPRET=1`` was set before triton was
+  imported (Triton's interpreter, for tests). Triton is imported only when this backend is
+  considered, never by ``import fused_resnet``.
 
 Choice, per call: the ``backend=`` argument, else the ``FUSED_RESNET_BACKEND`` environment
 variable (read at each call), else ``auto``. ``auto`` takes the first usable backend in a fixed
-preference order -- ``cuda`` then ``torch`` on CUDA tensors, ``cpu`` then ``torch`` on CPU
-tensors. (The design asks for the fastest measured backend; with one compiled backend per
-device there is nothing to measure yet, and the order is the documented stand-in.)
+preference order -- ``cuda``, ``triton``, then ``torch`` on CUDA tensors; ``cpu`` then ``torch``
+on CPU tensors (``triton`` on CPU is the interpreter: explicit requests only). (The design asks
+for the fastest measured backend; no GPU measurements exist yet, so the order is the documented
+stand-in: ``triton`` is second on CUDA until measurements say otherwise.)
 
 A backend that was asked for but cannot run this call (wrong device, dtype, ``_C`` missing) is
 never run: the call falls back to the next usable backend, a :class:`FallbackWarning` says so
@@ -68,7 +72,9 @@ def unsupported_reason(backend: str, device: torch.device, dtype: torch.dtype, o
     if backend == "torch":
         return None
     if backend == "triton":
-        return "the Triton backend is not implemented yet"
+        from .triton import unsupported_reason as triton_reason
+
+        return triton_reason(device, dtype)
     if backend not in ("cpu", "cuda"):
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)} or 'auto', got {backend!r}")
     if device.type != backend:
@@ -84,7 +90,7 @@ def unsupported_reason(backend: str, device: torch.device, dtype: torch.dtype, o
 
 def _auto_order(device: torch.device) -> tuple[str, ...]:
     if device.type == "cuda":
-        return ("cuda", "torch")
+        return ("cuda", "triton", "torch")
     if device.type == "cpu":
         return ("cpu", "torch")
     return ("torch",)

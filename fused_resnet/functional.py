@@ -2,7 +2,8 @@
 
 Every function validates its arguments here (a ``ValueError``/``TypeError`` naming the argument
 and what was expected), picks a backend (:mod:`fused_resnet.backends`) and calls one op:
-``torch.ops.fused_resnet.*`` for the ``cpu``/``cuda`` backends, :mod:`fused_resnet.reference`
+``torch.ops.fused_resnet.*`` for the ``cpu``/``cuda`` backends, ``torch.ops.fused_resnet_triton.*``
+(:mod:`fused_resnet.triton`, same arguments) for ``triton``, :mod:`fused_resnet.reference`
 for ``torch``. All are differentiable.
 
 Layout and dtypes (the op contract): activations are 4-D ``(N, C, H, W)`` tensors of float32,
@@ -148,6 +149,19 @@ def _decide(op: str, like: Tensor, backend: str | None) -> str:
     return decision.backend
 
 
+def _impl(op: str, like: Tensor, backend: str | None):
+    """The namespace whose ``op`` runs this call: :mod:`reference`, ``torch.ops.fused_resnet``
+    (cpu/cuda) or ``torch.ops.fused_resnet_triton`` (triton, registered on first use)."""
+    name = _decide(op, like, backend)
+    if name == "torch":
+        return reference
+    if name == "triton":
+        from .triton import load_ops
+
+        return load_ops()
+    return torch.ops.fused_resnet
+
+
 # ----------------------------------------------------------------------------- API
 
 
@@ -186,9 +200,7 @@ def conv_bn_act(
     _check_vector(shift, "shift", k, x)
     _check_residual(residual, "residual", out_shape, x, "x")
     args = (x, weight, scale, shift, residual, stride, padding, dilation, groups, bool(relu))
-    if _decide("conv_bn_act", x, backend) == "torch":
-        return reference.conv_bn_act(*args)
-    return torch.ops.fused_resnet.conv_bn_act(*args)
+    return _impl("conv_bn_act", x, backend).conv_bn_act(*args)
 
 
 def conv_stats(
@@ -224,9 +236,7 @@ def conv_stats(
     _check_vector(in_scale, "in_scale", c, x, optional=True)
     _check_vector(in_shift, "in_shift", c, x, optional=True)
     args = (x, weight, in_scale, in_shift, bool(in_relu), stride, padding, dilation, groups)
-    if _decide("conv_stats", x, backend) == "torch":
-        return reference.conv_stats(*args)
-    return torch.ops.fused_resnet.conv_stats(*args)
+    return _impl("conv_stats", x, backend).conv_stats(*args)
 
 
 def bn_finalize(
@@ -294,8 +304,7 @@ def bn_finalize(
     if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"momentum: expected a float in [0, 1] or None, got {momentum}")
 
-    use_torch = _decide("bn_finalize", stats, backend) == "torch"
-    impl = reference if use_torch else torch.ops.fused_resnet
+    impl = _impl("bn_finalize", stats, backend)
     out = impl.bn_finalize(stats, count, gamma, beta, float(eps))
     if running_mean is not None:
         with torch.no_grad():
@@ -338,9 +347,7 @@ def bn_add_act(
     _check_vector(res_scale, "res_scale", k, z, optional=True)
     _check_vector(res_shift, "res_shift", k, z, optional=True)
     args = (z, scale, shift, residual, res_scale, res_shift, bool(relu))
-    if _decide("bn_add_act", z, backend) == "torch":
-        return reference.bn_add_act(*args)
-    return torch.ops.fused_resnet.bn_add_act(*args)
+    return _impl("bn_add_act", z, backend).bn_add_act(*args)
 
 
 def fold_bn(bn: torch.nn.Module, conv_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,98 @@
+"""The Triton backend: implicit-GEMM convolution with fused prologue/epilogue, BatchNorm kernels,
+and their backward, registered as PyTorch ops.
+
+Layout:
+
+* :mod:`.conv` -- the implicit-GEMM convolution kernel (NHWC activations, prologue
+  ``relu?(x * in_scale + in_shift)``, epilogue ``relu?(acc * scale + shift + residual?)`` or raw
+  ``z`` plus per-channel statistics) and its launchers ``conv_bn_act`` / ``conv_stats``.
+* :mod:`.bn` -- ``bn_finalize``, ``bn_update_running_stats``, ``bn_add_act``,
+  ``bn_add_act_backward`` (ReLU mask + both reductions + the elementwise gradients in one pass),
+  ``stats_backward``.
+* :mod:`.ops` -- ``torch.library.triton_op`` registrations in the ``fused_resnet_triton``
+  namespace (same argument names and meaning as ``fused_resnet::*`` in ``csrc/ops.cpp``) with
+  autograd.
+
+Where it runs (decided once, when this package is first imported): CUDA tensors, or CPU tensors
+when ``TRITON_INTERPRET=1`` was set before triton was imported (Triton's interpreter; float32
+and float16 only -- the interpreter's ``tl.dot`` cannot take bfloat16). float64 is not supported
+(the C++ backends and the reference handle it).
+
+Nothing here is imported by ``import fused_resnet``: :func:`unsupported_reason` imports triton
+lazily, so a machine without triton pays nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = ["interpret_mode", "triton_import_error", "unsupported_reason", "load_ops", "DTYPES"]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INTERPRET_DTYPES = (torch.float32, torch.float16)
+
+
+def _env_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_import_error() -> str | None:
+    """None when triton imports, else the import error as one line."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising something else
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def interpret_mode() -> bool:
+    """Whether Triton kernels run on the interpreter (CPU tensors).
+
+    Triton decides this when a kernel is decorated, so what counts is ``TRITON_INTERPRET`` at
+    the time our kernels are first defined; it is read once and cached. It is only honoured if
+    triton itself had not been imported before the variable was set (then its jit objects would
+    not be interpreted functions): checked on the kernels themselves once they are defined.
+    """
+    if not _env_interpret():
+        return False
+    if triton_import_error() is not None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from . import bn
+
+    return isinstance(bn.bn_finalize_kernel, InterpretedFunction)
+
+
+def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if the Triton backend can run on (device, dtype), else a one-line reason."""
+    err = triton_import_error()
+    if err is not None:
+        return f"triton does not import ({err})"
+    if device.type == "cuda":
+        if dtype not in DTYPES:
+            return f"the Triton backend supports float32/float16/bfloat16 on CUDA, got {dtype}"
+        return None
+    if device.type == "cpu":
+        if not interpret_mode():
+            return ("the Triton backend is not implemented for CPU tensors (it runs CUDA tensors, or CPU "
+                    "tensors when TRITON_INTERPRET=1 was set before triton was imported)")
+        if dtype not in INTERPRET_DTYPES:
+            return (f"the Triton interpreter (TRITON_INTERPRET=1) supports float32/float16 "
+                    f"(its tl.dot cannot take bfloat16), got {dtype}")
+        return None
+    return f"the Triton backend runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device}"
+
+
+@functools.lru_cache(maxsize=1)
+def load_ops():
+    """Import and register the ``fused_resnet_triton`` ops; returns ``torch.ops.fused_resnet_triton``."""
+    from . import ops  # noqa: F401  (registers on import)
+
+    return torch.ops.fused_resnet_triton

@@ -1,0 +1,309 @@
+"""Implicit-GEMM convolution over NHWC with a fused prologue and epilogue -- one launch per op.
+
+GEMM view (per group ``g``): ``M = N * P * Q`` output pixels (rows), ``Kg = K / groups`` output
+channels (columns), reduction over ``R * S * Cg`` (``Cg = C / groups``) taken as an unrolled loop
+over the ``R x S`` taps with an inner loop over input-channel blocks, so every loaded tile is
+contiguous along C (NHWC). A 1x1 / stride-1 / unpadded / ungrouped convolution is compiled as a
+plain GEMM (``IS_GEMM``: row ``m`` of the input *is* pixel ``m``, no index arithmetic).
+
+Prologue (compile-time selected): ``a = relu?(x * in_scale + in_shift)`` in float32, then zero
+where the tap falls into the padding (zero padding applies to the *transformed* input), rounded
+to x's dtype before ``tl.dot`` (as the reference rounds the transformed input).
+
+Epilogue (compile-time selected), from the float32 accumulator:
+
+* ``conv_bn_act``: ``y = relu?(acc * scale + shift + residual?)`` rounded once to x's dtype.
+* ``conv_stats``: ``z = acc`` rounded to x's dtype, plus per-channel statistics of the rounded
+  ``z``. Statistics are deterministic partials: for every block of ``STAT_ROWS`` (16) rows the
+  kernel writes that block's (mean, M2) per channel into ``(cdiv(M, 16), K)`` buffers; a second
+  small kernel merges them in a fixed order with Chan's formula. The partial layout does not
+  depend on the tile size, so every autotuning candidate writes exactly the same slots: there is
+  no accumulation (no atomics), nothing to reset between tuning runs, and the result is bitwise
+  reproducible and independent of the chosen config.
+
+Precision: float32 inputs use TF32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is True
+(PyTorch's default for convolutions, as cuDNN does), IEEE float32 otherwise; float16/bfloat16
+multiply in their dtype and accumulate in float32. Addresses are computed in int64 (pixel index
+times channels can pass 2^31 at large batch).
+
+Autotuning: :func:`triton.autotune` over block sizes / warps / stages, keyed on the GEMM shape,
+the convolution geometry and the epilogue, with ``cache_results=True`` where the installed
+triton has it (3.2+): results persist in triton's cache directory, so a second process does
+not re-tune. Under the interpreter one small config is used (no tuning).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpret_mode
+
+STAT_ROWS = 16  # rows per statistics partial; every BLOCK_M is a multiple of it
+
+
+def _conv_configs():
+    if interpret_mode():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+    cfgs = []
+    for bm, bn, bk, warps, stages in (
+        (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
+        (64, 64, 64, 4, 3), (128, 32, 32, 4, 4), (64, 32, 32, 4, 4), (32, 64, 32, 4, 4),
+        (64, 16, 16, 4, 3), (128, 16, 16, 4, 3), (64, 32, 16, 4, 3),
+    ):
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose N or K tile is far wider than the group's channels (ResNeXt: Cg = 4)."""
+    cg, kg = named_args["Cg"], named_args["Kg"]
+    bk_cap = max(16, triton.next_power_of_2(cg))
+    bn_cap = max(16, triton.next_power_of_2(kg))
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= bk_cap and c.kwargs["BLOCK_N"] <= bn_cap]
+    if not kept:  # always keep the narrowest configs
+        narrow = min(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] for c in configs)
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] == narrow]
+    return kept
+
+
+_AUTOTUNE_KW = {}
+if "cache_results" in inspect.signature(triton.autotune).parameters:  # triton >= 3.2
+    _AUTOTUNE_KW["cache_results"] = True
+
+
+@triton.autotune(
+    configs=_conv_configs(),
+    key=["M", "Kg", "Cg", "H", "W", "R", "S", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "GROUPS",
+         "PROLOGUE", "STATS", "HAS_RES"],
+    prune_configs_by={"early_config_prune": _prune},
+    **_AUTOTUNE_KW,
+)
+@triton.jit
+def conv_kernel(
+    # pointers
+    x_ptr,  # (N, H, W, C) x.dtype, contiguous NHWC
+    w_ptr,  # (GROUPS, R, S, Cg, Kg) x.dtype, packed by pack_weight
+    out_ptr,  # (N, P, Q, K) x.dtype, contiguous NHWC
+    scale_ptr, shift_ptr,  # (K,) float32 epilogue (conv_bn_act)
+    res_ptr,  # (N, P, Q, K) x.dtype residual (conv_bn_act with HAS_RES)
+    in_scale_ptr, in_shift_ptr,  # (C,) float32 prologue
+    pmean_ptr, pm2_ptr,  # (cdiv(M, STAT_ROWS), K) float32 statistics partials (STATS)
+    # sizes
+    H, W, C, P, Q, K, M, Cg, Kg,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    R: tl.constexpr, S: tl.constexpr, GROUPS: tl.constexpr,
+    # what to fuse
+    PROLOGUE: tl.constexpr,  # apply the input transform at all
+    HAS_IN_SCALE: tl.constexpr, HAS_IN_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,
+    STATS: tl.constexpr,  # conv_stats epilogue (raw z + partials); else the conv_bn_act epilogue
+    HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    IS_GEMM: tl.constexpr,  # 1x1, stride 1, no padding, one group: a plain GEMM
+    INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" (float32 inputs only)
+    STAT_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    m64 = offs_m.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # channel within the group
+    mask_n = offs_n < Kg
+    k_glob = g * Kg + offs_n
+    offs_c = tl.arange(0, BLOCK_K)
+
+    if not IS_GEMM:
+        pq = P * Q
+        n_img = (m64 // pq)
+        rem = m64 % pq
+        p = rem // Q
+        q = rem % Q
+        h0 = p * STRIDE_H - PAD_H
+        w0 = q * STRIDE_W - PAD_W
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in tl.static_range(R):
+        for s in tl.static_range(S):
+            if IS_GEMM:
+                valid_m = mask_m
+                row = m64 * C
+            else:
+                hh = h0 + r * DIL_H
+                ww = w0 + s * DIL_W
+                valid_m = mask_m & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                row = ((n_img * H + hh) * W + ww) * C + g * Cg
+            w_tap = w_ptr + ((g * R + r) * S + s).to(tl.int64) * Cg * Kg
+            for c0 in range(0, Cg, BLOCK_K):
+                cc = c0 + offs_c
+                mask_c = cc < Cg
+                a_mask = valid_m[:, None] & mask_c[None, :]
+                a = tl.load(x_ptr + row[:, None] + cc[None, :], mask=a_mask, other=0.0)
+                if PROLOGUE:
+                    af = a.to(tl.float32)
+                    if HAS_IN_SCALE:
+                        isc = tl.load(in_scale_ptr + g * Cg + cc, mask=mask_c, other=1.0)
+                        af = af * isc[None, :]
+                    if HAS_IN_SHIFT:
+                        ish = tl.load(in_shift_ptr + g * Cg + cc, mask=mask_c, other=0.0)
+                        af = af + ish[None, :]
+                    if IN_RELU:
+                        af = tl.maximum(af, 0.0)
+                    # Padding (and out-of-range rows/channels) is zero *after* the transform.
+                    af = tl.where(a_mask, af, 0.0)
+                    a = af.to(x_ptr.dtype.element_ty)
+                b = tl.load(w_tap + cc[:, None] * Kg + offs_n[None, :],
+                            mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    out_offs = m64[:, None] * K + k_glob[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if STATS:
+        z = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + out_offs, z, mask=out_mask)
+        # Statistics of z as stored (rounded), per block of STAT_ROWS rows.
+        zf = tl.where(out_mask, z.to(tl.float32), 0.0)
+        NB: tl.constexpr = BLOCK_M // STAT_ROWS
+        z3 = tl.reshape(zf, (NB, STAT_ROWS, BLOCK_N))
+        cnt = tl.sum(tl.reshape(mask_m.to(tl.float32), (NB, STAT_ROWS)), axis=1)  # (NB,)
+        mean = tl.sum(z3, axis=1) / tl.maximum(cnt, 1.0)[:, None]  # (NB, BLOCK_N)
+        valid3 = tl.reshape(mask_m, (NB, STAT_ROWS))
+        dev = tl.where(valid3[:, :, None], z3 - mean[:, None, :], 0.0)
+        m2 = tl.sum(dev * dev, axis=1)
+        slot = pid_m * NB + tl.arange(0, NB)
+        n_slots = tl.cdiv(M, STAT_ROWS)
+        p_offs = slot.to(tl.int64)[:, None] * K + k_glob[None, :]
+        p_mask = (slot < n_slots)[:, None] & mask_n[None, :]
+        tl.store(pmean_ptr + p_offs, mean, mask=p_mask)
+        tl.store(pm2_ptr + p_offs, m2, mask=p_mask)
+    else:
+        sc = tl.load(scale_ptr + k_glob, mask=mask_n, other=0.0)
+        sh = tl.load(shift_ptr + k_glob, mask=mask_n, other=0.0)
+        y = acc * sc[None, :] + sh[None, :]
+        if HAS_RES:
+            y += tl.load(res_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def stats_reduce_kernel(
+    pmean_ptr, pm2_ptr,  # (n_slots, K) float32 partials
+    stats_ptr,  # (2, K) float32 out: (mean, M2)
+    M, K, n_slots,
+    STAT_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Merge the per-16-row partials of each channel in slot order (Chan's parallel formula)."""
+    pid = tl.program_id(0)
+    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    n_a = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    mean_a = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    m2_a = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for s0 in range(0, n_slots, BLOCK_S):
+        slot = s0 + tl.arange(0, BLOCK_S)
+        mask_s = slot < n_slots
+        cnt = tl.minimum(M - slot * STAT_ROWS, STAT_ROWS).to(tl.float32)
+        cnt = tl.where(mask_s, cnt, 0.0)
+        offs = slot.to(tl.int64)[:, None] * K + offs_k[None, :]
+        msk = mask_s[:, None] & mask_k[None, :]
+        pm = tl.load(pmean_ptr + offs, mask=msk, other=0.0)
+        pv = tl.load(pm2_ptr + offs, mask=msk, other=0.0)
+        n_b = tl.sum(cnt, axis=0)  # scalar: every channel has the same count
+        mean_b = tl.sum(pm * cnt[:, None], axis=0) / n_b
+        d = tl.where(msk, pm - mean_b[None, :], 0.0)
+        m2_b = tl.sum(pv, axis=0) + tl.sum(d * d * cnt[:, None], axis=0)
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        mean_a = mean_a + delta * (n_b / n)
+        m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n)
+        n_a = n
+    tl.store(stats_ptr + offs_k, mean_a, mask=mask_k)
+    tl.store(stats_ptr + K + offs_k, m2_a, mask=mask_k)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def out_hw(h, w, r, s, stride, padding, dilation):
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return p, q
+
+
+def pack_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """(K, Cg, R, S) -> (groups, R, S, Cg, Kg) contiguous: the kernel's B operand, Kg fastest."""
+    k, cg, r, s = weight.shape
+    return weight.reshape(groups, k // groups, cg, r, s).permute(0, 3, 4, 2, 1).contiguous()
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def launch_conv(x, weight, stride, padding, dilation, groups, *, in_scale=None, in_shift=None, in_relu=False,
+                scale=None, shift=None, residual=None, relu=False, stats=False):
+    """Run the conv kernel; returns ``out`` (conv_bn_act) or ``(z, stats)`` (``stats=True``).
+
+    x: (N, C, H, W) any strides (read once into channels_last if needed); weight (K, Cg, R, S)
+    like x; vectors float32; residual like the output. Arguments are validated by the caller.
+    """
+    from torch.library import wrap_triton
+
+    n, c, h, w = x.shape
+    k, cg, r, s = weight.shape
+    p, q = out_hw(h, w, r, s, stride, padding, dilation)
+    cl = torch.channels_last
+    x = x.contiguous(memory_format=cl)
+    wp = pack_weight(weight, groups)
+    out = torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=cl)
+    m = n * p * q
+    kg = k // groups
+    n_slots = triton.cdiv(m, STAT_ROWS)
+    if stats:
+        pmean = torch.empty((max(n_slots, 1), k), dtype=torch.float32, device=x.device)
+        pm2 = torch.empty_like(pmean)
+    else:
+        pmean = pm2 = out  # unused
+    if residual is not None:
+        residual = residual.contiguous(memory_format=cl)
+    prologue = in_scale is not None or in_shift is not None or bool(in_relu)
+    is_gemm = (r == 1 and s == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and groups == 1)
+    dummy = out
+    if m > 0 and k > 0:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kg, meta["BLOCK_N"]), groups)  # noqa: E731
+        wrap_triton(conv_kernel)[grid](
+            x, wp, out,
+            dummy if scale is None else scale, dummy if shift is None else shift,
+            dummy if residual is None else residual,
+            dummy if in_scale is None else in_scale, dummy if in_shift is None else in_shift,
+            pmean, pm2,
+            h, w, c, p, q, k, m, cg, kg,
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            R=r, S=s, GROUPS=groups,
+            PROLOGUE=prologue, HAS_IN_SCALE=in_scale is not None, HAS_IN_SHIFT=in_shift is not None,
+            IN_RELU=bool(in_relu), STATS=bool(stats), HAS_RES=residual is not None, RELU=bool(relu),
+            IS_GEMM=is_gemm, INPUT_PRECISION=_input_precision(x.dtype), STAT_ROWS=STAT_ROWS,
+        )
+    if not stats:
+        return out
+    st = torch.empty((2, k), dtype=torch.float32, device=x.device)
+    if m == 0:
+        # As the reference: the mean of no values is NaN, their M2 is 0.
+        st[0].fill_(float("nan"))
+        st[1].zero_()
+    elif k > 0:
+        block_k = 16 if interpret_mode() else 64
+        block_s = 16 if interpret_mode() else 64
+        wrap_triton(stats_reduce_kernel)[(triton.cdiv(k, block_k),)](
+            pmean, pm2, st, m, k, n_slots, STAT_ROWS=STAT_ROWS, BLOCK_S=block_s, BLOCK_K=block_k,
+        )
+    return out, st
