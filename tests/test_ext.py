@@ -27,12 +27,24 @@ SNIPPET = (
 )
 
 
+# An editable install (`pip install -e .`) adds a meta-path finder that resolves `fused_resnet._C`
+# to the installed tree even when `fused_resnet` itself was imported from a copy; a copied tree is
+# only a faithful "other checkout" with that finder removed.
+_NO_EDITABLE_FINDER = (
+    "import sys\n"
+    "sys.meta_path[:] = [f for f in sys.meta_path\n"
+    "                    if 'editable' not in getattr(f, '__name__', type(f).__name__).lower()]\n"
+)
+
+
 def _run(env_extra, pythonpath=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_RESNET_")}
     env.update(env_extra)
+    snippet = SNIPPET
     if pythonpath:
         env["PYTHONPATH"] = str(pythonpath)
-    out = subprocess.run([sys.executable, "-c", SNIPPET], env=env, capture_output=True, text=True, timeout=300,
+        snippet = _NO_EDITABLE_FINDER + SNIPPET
+    out = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=300,
                          cwd=pythonpath or None)
     assert out.returncode == 0, out.stderr
     count, message, backend = out.stdout.strip().split("\n")
