@@ -117,12 +117,50 @@ def _key(t: Tensor | None):
     return (id(t), t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape))
 
 
-def _fold(bn: nn.Module, conv_bias: Tensor | None, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    def cast(t):
-        return None if t is None else t.to(acc)
+def _fold(bn: nn.Module, conv_bias: Tensor | None, acc: torch.dtype):
+    """(scale, shift, invstd, mean_eff) in ``acc``, where ``mean_eff = running_mean - conv_bias``."""
 
-    return reference.fold_bn(cast(bn.running_mean), cast(bn.running_var), cast(bn.weight), cast(bn.bias),
-                             float(bn.eps), cast(conv_bias))
+    def cast(t):
+        return None if t is None else t.detach().to(acc)
+
+    mean, var = cast(bn.running_mean), cast(bn.running_var)
+    scale, shift = reference.fold_bn(mean, var, cast(bn.weight), cast(bn.bias), float(bn.eps), cast(conv_bias))
+    invstd = torch.rsqrt(var + float(bn.eps))
+    mean_eff = mean if conv_bias is None else mean - cast(conv_bias)
+    return scale, shift, invstd, mean_eff
+
+
+class _CachedFold(torch.autograd.Function):
+    """Hands out a cache's (scale, shift) with a gradient path to BN weight/bias and conv bias.
+
+    ``scale = weight * invstd`` and ``shift = bias - mean_eff * scale`` with ``invstd``/``mean_eff``
+    from the (gradient-free) running statistics, so ``d/d weight = (g_scale - g_shift * mean_eff) *
+    invstd``, ``d/d bias = g_shift``, ``d/d conv_bias = g_shift * scale``. Forward only aliases the
+    cached tensors (``detach``): no arithmetic runs per call.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, bias, conv_bias, cache):
+        scale, shift, invstd, mean_eff = cache._value
+        ctx.fold = (scale, invstd, mean_eff)
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, conv_bias))
+        return scale.detach(), shift.detach()
+
+    @staticmethod
+    def backward(ctx, g_scale, g_shift):
+        scale, invstd, mean_eff = ctx.fold
+        need_w, need_b, need_cb = ctx.needs_input_grad[:3]
+        g_w = g_b = g_cb = None
+        if need_w:
+            g = (g_scale if g_scale is not None else torch.zeros_like(scale))
+            if g_shift is not None:
+                g = g - g_shift * mean_eff
+            g_w = (g * invstd).to(ctx.dtypes[0])
+        if need_b and g_shift is not None:
+            g_b = g_shift.to(ctx.dtypes[1])
+        if need_cb and g_shift is not None:
+            g_cb = (g_shift * scale).to(ctx.dtypes[2])
+        return g_w, g_b, g_cb, None
 
 
 class FoldCache:
@@ -134,12 +172,11 @@ class FoldCache:
     plus eps, the target dtype and whether inference mode is on (an inference-mode tensor must not
     reach a call that saves it for backward). Any change recomputes.
 
-    Decision: a fold that needs an autograd graph (grad mode on and a BN weight/bias or conv bias
-    requires grad -- e.g. fine-tuning with BN in eval) is recomputed every call and never cached,
-    because a cached graph would be freed by the first ``backward``. That recomputation is
-    (K,)-sized vector math, not an activation-sized op. Under ``torch.no_grad()``, with frozen
-    affine parameters, or with ``FrozenBatchNorm2d`` (buffers only), the cached values are used
-    and the unit runs only its one fused op.
+    The cache holds detached tensors only (a cached autograd graph would be freed by the first
+    ``backward``). When gradients must reach BN's weight/bias or a conv bias (grad mode on and one
+    of them requires grad, e.g. fine-tuning with BN in eval), :class:`_CachedFold` hands the cached
+    values out with their analytic gradient, so no per-call arithmetic runs in either case: an
+    eval-mode unit is its one fused op (plus ``detach`` aliases when gradients are recorded).
     """
 
     __slots__ = ("_key", "_value")
@@ -150,14 +187,14 @@ class FoldCache:
 
     def get(self, bn: nn.Module, conv_bias: Tensor | None, acc: torch.dtype) -> tuple[Tensor, Tensor]:
         inputs = (bn.running_mean, bn.running_var, bn.weight, bn.bias, conv_bias)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-            return _fold(bn, conv_bias, acc)
         key = (acc, float(bn.eps), torch.is_inference_mode_enabled()) + tuple(_key(t) for t in inputs)
         if key != self._key:
             with torch.no_grad():
                 value = _fold(bn, conv_bias, acc)
             self._key, self._value = key, value
-        return self._value
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[2:]):
+            return _CachedFold.apply(bn.weight, bn.bias, conv_bias, self)
+        return self._value[0], self._value[1]
 
     def clear(self) -> None:
         self._key = self._value = None
