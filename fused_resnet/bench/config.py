@@ -1,0 +1,137 @@
+"""What one ``fused-resnet bench`` run measures, and the defaults per machine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MODES = ("inference", "training")
+LEVELS = ("layer", "block", "model")
+#: Baselines (what the fused backends are compared with):
+#: ``eager`` = eager PyTorch on NCHW tensors (cuDNN on a GPU, oneDNN on a CPU);
+#: ``eager_cl`` = the same on channels_last tensors;
+#: ``cudnn_fused`` = cuDNN's own fused ``torch.cudnn_convolution_add_relu`` /
+#: ``torch.cudnn_convolution_relu`` with the BN folded into weight and bias (CUDA, inference,
+#: convs that end in ReLU; per layer only);
+#: ``compile`` = ``torch.compile`` (default mode) of the eager channels_last code;
+#: ``compile_max`` = ``torch.compile(mode="max-autotune")`` with inductor freezing, inference,
+#: whole models only (its compile time per shape is minutes).
+BASELINES = ("eager", "eager_cl", "cudnn_fused", "compile", "compile_max")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run. ``None`` fields get per-device defaults from :func:`resolve`."""
+
+    model: str = "resnet50"
+    device: str | None = None  # "cuda" when available, else "cpu"
+    dtype: str | None = None  # bfloat16 on CUDA, float32 on CPU
+    batch: int | None = None  # inference batch: 64 on CUDA, 8 on CPU
+    train_batch: int | None = None  # training batch: same as batch on CUDA, 4 on CPU
+    layer_batch: int | None = None  # batch of the per-layer and per-block runs (default: batch / train_batch)
+    size: int = 224
+    modes: tuple[str, ...] = MODES
+    levels: tuple[str, ...] = LEVELS
+    backends: tuple[str, ...] | None = None  # fused backends; None = every usable one except "torch"
+    baselines: tuple[str, ...] | None = None
+    warmup: int | None = None
+    repeats: int | None = None
+    n_buffers: int | None = None
+    cuda_graphs: bool = True
+    peaks: bool = True
+    progress: bool = True
+    seed: int = 0
+    skipped: list[dict] = field(default_factory=list)  # what was left out and why, filled by resolve
+    baselines_explicit: bool = False  # the user named the baselines (set by resolve)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def resolve(cfg: BenchConfig) -> BenchConfig:
+    """Fill per-device defaults and validate; records skipped baselines in ``cfg.skipped``.
+
+    CPU defaults are sized to finish in about three minutes on two busy cores: inference batch
+    8, training batch 4, 1 warm-up and 3 timed repeats at model level (more at layer level, via
+    :func:`repeats_for`), and no ``torch.compile`` at layer/block level (compiling each shape
+    costs more than the whole run; ask for it with ``--baselines``).
+    """
+    from fused_resnet import backends
+
+    if cfg.device is None:
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' requested but torch.cuda.is_available() is False")
+    gpu = cfg.device == "cuda"
+    if cfg.dtype is None:
+        cfg.dtype = "bfloat16" if gpu else "float32"
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    cfg.batch = cfg.batch or (64 if gpu else 8)
+    cfg.train_batch = cfg.train_batch or (cfg.batch if gpu else max(1, min(4, cfg.batch)))
+    for name in ("batch", "train_batch", "size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {getattr(cfg, name)}")
+    if cfg.size < 32:
+        raise ValueError(f"size: expected >= 32 (a ResNet downsamples 32x), got {cfg.size}")
+    cfg.warmup = cfg.warmup if cfg.warmup is not None else (10 if gpu else 1)
+    cfg.repeats = cfg.repeats or (50 if gpu else 3)
+    if cfg.repeats < 1:
+        raise ValueError(f"repeats: expected >= 1, got {cfg.repeats}")
+    cfg.n_buffers = cfg.n_buffers or (3 if gpu else 2)
+    for m in cfg.modes:
+        if m not in MODES:
+            raise ValueError(f"modes: expected a subset of {', '.join(MODES)}, got {m!r}")
+    for lv in cfg.levels:
+        if lv not in LEVELS:
+            raise ValueError(f"levels: expected a subset of {', '.join(LEVELS)}, got {lv!r}")
+    if cfg.backends is None:
+        cfg.backends = tuple(b for b in ("cuda", "triton", "cpu")
+                             if backends.unsupported_reason(b, cfg.torch_device, cfg.torch_dtype, "conv_bn_act")
+                             is None)
+        for b in ("cuda", "triton", "cpu"):
+            why = backends.unsupported_reason(b, cfg.torch_device, cfg.torch_dtype, "conv_bn_act")
+            if why is not None:
+                cfg.skipped.append({"what": f"fused:{b}", "why": why})
+    else:
+        for b in cfg.backends:
+            if b not in backends.BACKENDS:
+                raise ValueError(f"backends: expected a subset of {', '.join(backends.BACKENDS)}, got {b!r}")
+    cfg.baselines_explicit = cfg.baselines is not None
+    if cfg.baselines is None:
+        cfg.baselines = ("eager", "eager_cl", "cudnn_fused", "compile", "compile_max") if gpu else (
+            "eager", "eager_cl", "compile")
+        if not gpu:
+            cfg.skipped.append({"what": "cudnn_fused, compile_max",
+                                "why": "GPU-only baselines (cuDNN's fused conv-add-relu; max-autotune "
+                                       "tunes GPU kernels); GPU figures need a GPU"})
+    for b in cfg.baselines:
+        if b not in BASELINES:
+            raise ValueError(f"baselines: expected a subset of {', '.join(BASELINES)}, got {b!r}")
+    return cfg
+
+
+def compile_at(cfg: BenchConfig, level: str) -> bool:
+    """Whether the ``compile`` baseline runs at ``level``: always on CUDA; on CPU only at model
+    level unless the user named the baselines (compiling every layer shape on a CPU takes
+    longer than the rest of the run)."""
+    if "compile" not in cfg.baselines:
+        return False
+    return cfg.device == "cuda" or level == "model" or cfg.baselines_explicit
+
+
+def repeats_for(cfg: BenchConfig, level: str) -> int:
+    """Timed repeats: layers and blocks are cheap, so they get more repeats than whole models on a CPU."""
+    if cfg.device == "cpu" and level != "model":
+        return max(cfg.repeats, 5)
+    return cfg.repeats

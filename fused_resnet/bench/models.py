@@ -1,0 +1,199 @@
+"""Whole-model benchmark: the fused model against torchvision's, inference and training.
+
+The eager baselines are ``torchvision.models.<name>()`` (random weights, BatchNorm given random
+running statistics and affine parameters); the fused model carries the same weights
+(:func:`.fusing.fused_model`). Variants: fused per backend, eager NCHW, eager channels_last,
+``torch.compile`` (default mode) and, on CUDA inference, ``torch.compile(mode="max-autotune")``
+with inductor's ``freezing`` (weights treated as constants: BN folded by the compiler).
+
+Timing: on CUDA, inference of the fused and eager variants and of ``compile`` is replayed from
+CUDA graphs (one per input buffer; ``max-autotune`` already runs under CUDA graphs); if
+capture fails the row says so and eager launches are timed instead. Training is a step of
+forward, cross-entropy loss on random labels and backward (no optimizer step); peak memory
+is ``torch.cuda.max_memory_allocated`` during one such step (CUDA only).
+
+Errors: logits (and in training the gradient of the first conv's weight) against the
+torchvision model in float64 on the same input, ``max|got - ref| / max|ref|``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+from fused_resnet import backends
+
+from . import timing
+from ._util import CL, backend_env, make_row, rand, randomize_bn, rel_err
+from .config import BenchConfig, compile_at
+from .fusing import fused_model
+from .shapes import conv_shapes, model_flops
+
+
+def build_torchvision(name: str, seed: int) -> nn.Module:
+    import torchvision
+
+    try:
+        ctor = getattr(torchvision.models, name)
+    except AttributeError:
+        raise ValueError(f"model: torchvision.models has no {name!r} (try resnet18/34/50/101/152, "
+                         "resnext50_32x4d, wide_resnet50_2)") from None
+    torch.manual_seed(seed)
+    return randomize_bn(ctor(weights=None), torch.Generator().manual_seed(seed))
+
+
+def _first_conv_weight(model: nn.Module) -> torch.Tensor:
+    return next(m.weight for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def bench_models(cfg: BenchConfig, tv: nn.Module, peaks: dict | None, progress) -> list[dict]:
+    rows: list[dict] = []
+    for mode in cfg.modes:
+        rows += _bench_mode(cfg, tv, mode, peaks, progress)
+    return rows
+
+
+def _bench_mode(cfg, tv, mode, peaks, progress) -> list[dict]:
+    dev, dt, nb = cfg.torch_device, cfg.torch_dtype, cfg.n_buffers
+    train = mode == "training"
+    batch = cfg.train_batch if train else cfg.batch
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    xs = [rand((batch, 3, cfg.size, cfg.size), dev, dt, gen) for _ in range(nb)]
+    labels = [torch.randint(0, 1000, (batch,), generator=gen).to(dev) for _ in range(nb)]
+    base = copy.deepcopy(tv).train(train)
+    flops = model_flops(base, batch, cfg.size) * (3 if train else 1)
+    elem = torch.empty((), dtype=dt).element_size()
+    nbytes = None if train else sum(s.min_bytes(elem) * s.count for s in conv_shapes(base, batch, cfg.size))
+    name = cfg.model
+    label = f"{name} {cfg.size}x{cfg.size}"
+
+    # float64 reference on buffer 0
+    ref = copy.deepcopy(base).to(device=dev, dtype=torch.float64)
+    with torch.set_grad_enabled(train):
+        out = ref(xs[0].to(torch.float64))
+        ref_logits = out.detach()
+        ref_gw = None
+        if train:
+            TF.cross_entropy(out, labels[0]).backward()
+            ref_gw = _first_conv_weight(ref).grad.detach()
+    del ref, out
+
+    variants: dict = {}
+    for b in cfg.backends:
+        why = backends.unsupported_reason(b, dev, dt, "conv_stats" if train else "conv_bn_act")
+        mod, impl = None, "fused model"
+        if why is None:
+            try:
+                mod, impl = fused_model(name, base, b)
+            except Exception as exc:
+                why = f"no fused model: {type(exc).__name__}: {exc}"[:200]
+        variants[f"fused:{b}"] = (mod, True, impl, why, b, "graph")
+    if "eager" in cfg.baselines:
+        variants["eager"] = (copy.deepcopy(base), False, f"torchvision.models.{name}, eager (NCHW)", None, None,
+                             "graph")
+    if "eager_cl" in cfg.baselines:
+        variants["eager_cl"] = (copy.deepcopy(base), True, f"torchvision.models.{name}, eager (channels_last)",
+                                None, None, "graph")
+    if compile_at(cfg, "model"):
+        if train and cfg.device == "cpu" and not cfg.baselines_explicit:
+            variants["compile"] = (None, True, "torch.compile", "compiling the training graph on a CPU takes "
+                                   "minutes; ask for it with --baselines", None, None)
+        else:
+            variants["compile"] = ("compile", True, f"torch.compile(torchvision.models.{name}, channels_last)",
+                                   None, None, "graph")
+    if "compile_max" in cfg.baselines:
+        why = None
+        if train:
+            why = "max-autotune with freezing is an inference configuration"
+        elif cfg.device != "cuda":
+            why = "max-autotune tunes GPU kernels; GPU figures need a GPU"
+        variants["compile_max"] = ("compile_max", True, "torch.compile(mode='max-autotune') + inductor freezing",
+                                   why, None, "own")
+
+    rows = []
+    for variant, (mod, cl, impl, why, b, graphs) in variants.items():
+        common = dict(batch=batch, flops=flops, min_bytes=nbytes, peaks=peaks, impl=impl)
+        if why is not None:
+            rows.append(make_row("model", mode, name, label, variant, status="skipped", reason=why, **common))
+            progress.step(f"{variant} {mode} (skipped)")
+            continue
+        try:
+            rows.append(_run_variant(cfg, mode, name, label, variant, mod, cl, b, graphs, base, xs, labels,
+                                     ref_logits, ref_gw, common))
+        except Exception as exc:
+            rows.append(make_row("model", mode, name, label, variant, status="failed",
+                                 reason=f"{type(exc).__name__}: {exc}"[:300], **common))
+        progress.step(f"{variant} {mode}")
+    return rows
+
+
+def _run_variant(cfg, mode, name, label, variant, mod, cl, b, graphs, base, xs, labels, ref_logits, ref_gw, common):
+    dev, dt, nb = cfg.torch_device, cfg.torch_dtype, cfg.n_buffers
+    train = mode == "training"
+    notes = []
+    if mod in ("compile", "compile_max"):
+        eager_mod = copy.deepcopy(base).to(device=dev, dtype=dt, memory_format=CL)
+        if mod == "compile":
+            model = torch.compile(eager_mod)
+        else:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True  # must hold at first call, when compilation happens
+            model = torch.compile(eager_mod, mode="max-autotune")
+        params_of = eager_mod
+    else:
+        model = mod.to(device=dev, dtype=dt)
+        if cl:
+            model = model.to(memory_format=CL)
+        params_of = model
+    inputs = [x if cl else x.contiguous() for x in xs]
+    w0 = _first_conv_weight(params_of)
+
+    if train:
+        def fn(i):
+            params_of.zero_grad(set_to_none=True)
+            out = model(inputs[i % nb])
+            TF.cross_entropy(out.float(), labels[i % nb]).backward()
+            return out
+    else:
+        def fn(i):
+            return model(inputs[i % nb])
+
+    with backend_env(b), torch.set_grad_enabled(train):
+        try:
+            out = fn(0)
+            err = rel_err(out, ref_logits)
+            if train:
+                err = max(err, rel_err(w0.grad, ref_gw))
+            launches = None
+            timed = fn
+            if dev.type == "cuda" and not train and graphs == "graph" and cfg.cuda_graphs:
+                try:
+                    timed = timing.cuda_graph_callable(fn, nb)
+                    notes.append("CUDA graphs")
+                except Exception as exc:
+                    torch.cuda.synchronize()
+                    notes.append(f"CUDA graph capture failed ({type(exc).__name__}); eager launches timed")
+            peak = None
+            if dev.type == "cuda" and train:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                fn(1)
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() / 2**20
+            t = timing.measure(timed, dev, cfg.warmup, cfg.repeats)
+            if variant.startswith("fused") or variant in ("eager", "eager_cl"):
+                launches = timing.count_launches(lambda: fn(1), dev)
+        finally:
+            if mod == "compile_max":
+                import torch._inductor.config as inductor_config
+
+                inductor_config.freezing = False
+    common = dict(common)
+    if notes:
+        common["impl"] = common["impl"] + " [" + "; ".join(notes) + "]"
+    return make_row("model", mode, name, label, variant, timing=t, launches=launches, err=err,
+                    err_vs=f"torchvision {name} in float64", peak_mem_mib=peak, **common)
