@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import interpret_mode
+from ._launch import launch
 
 _CL = torch.channels_last
 
@@ -219,14 +220,12 @@ def _vec_block():
 
 
 def bn_finalize(stats, count, gamma, beta, eps):
-    from torch.library import wrap_triton
-
     k = stats.shape[1]
     stats = stats.contiguous()
     outs = [torch.empty(k, dtype=stats.dtype, device=stats.device) for _ in range(4)]
     if k:
         blk = _vec_block()
-        wrap_triton(bn_finalize_kernel)[(triton.cdiv(k, blk),)](
+        launch(bn_finalize_kernel, (triton.cdiv(k, blk),),
             stats, stats if gamma is None else gamma.contiguous(), stats if beta is None else beta.contiguous(),
             *outs, k, count, eps, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, BLOCK=blk,
         )
@@ -234,15 +233,13 @@ def bn_finalize(stats, count, gamma, beta, eps):
 
 
 def bn_update_running_stats(stats, count, running_mean, running_var, num_batches_tracked, momentum):
-    from torch.library import wrap_triton
-
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     k = stats.shape[1]
     if not (running_mean.is_contiguous() and running_var.is_contiguous()):
         raise ValueError("running_mean, running_var: expected contiguous 1-D tensors")
     blk = max(_vec_block(), triton.next_power_of_2(max(k, 1)))  # one program: nbt incremented once
-    wrap_triton(bn_update_running_stats_kernel)[(triton.cdiv(max(k, 1), blk),)](
+    launch(bn_update_running_stats_kernel, (triton.cdiv(max(k, 1), blk),),
         stats.contiguous(), running_mean, running_var,
         running_mean if num_batches_tracked is None else num_batches_tracked,
         k, count, 0.0 if momentum is None else float(momentum),
@@ -251,15 +248,13 @@ def bn_update_running_stats(stats, count, running_mean, running_var, num_batches
 
 
 def bn_add_act(z, scale, shift, residual, res_scale, res_shift, relu):
-    from torch.library import wrap_triton
-
     z, m, k = _mk(z)
     out = torch.empty_like(z, memory_format=_CL)
     if residual is not None:
         residual = residual.contiguous(memory_format=_CL)
     if m and k:
         bm, bk = _blocks()
-        wrap_triton(bn_add_act_kernel)[(triton.cdiv(m, bm), triton.cdiv(k, bk))](
+        launch(bn_add_act_kernel, (triton.cdiv(m, bm), triton.cdiv(k, bk)),
             z, scale, shift, z if residual is None else residual,
             scale if res_scale is None else res_scale, scale if res_shift is None else res_shift, out,
             m, k, HAS_RES=residual is not None, HAS_RSCALE=res_scale is not None,
@@ -269,17 +264,13 @@ def bn_add_act(z, scale, shift, residual, res_scale, res_shift, relu):
 
 
 def _sum_rows(part, k):
-    from torch.library import wrap_triton
-
     out = torch.empty(k, dtype=torch.float32, device=part.device)
     bt, bk = (16, 16) if interpret_mode() else (32, 64)
-    wrap_triton(sum_rows_kernel)[(triton.cdiv(k, bk),)](part, out, part.shape[0], k, BLOCK_T=bt, BLOCK_K=bk)
+    launch(sum_rows_kernel, (triton.cdiv(k, bk),), part, out, part.shape[0], k, BLOCK_T=bt, BLOCK_K=bk)
     return out
 
 
 def bn_add_act_backward(grad_out, z, scale, shift, residual, res_scale, res_shift, relu):
-    from torch.library import wrap_triton
-
     z, m, k = _mk(z)
     grad_out = grad_out.contiguous(memory_format=_CL)
     gz = torch.empty_like(z, memory_format=_CL)
@@ -297,7 +288,7 @@ def bn_add_act_backward(grad_out, z, scale, shift, residual, res_scale, res_shif
     bm, bk = _blocks()
     t = triton.cdiv(m, bm)
     parts = torch.empty((3, t, k), dtype=torch.float32, device=z.device)
-    wrap_triton(bn_add_act_backward_kernel)[(t, triton.cdiv(k, bk))](
+    launch(bn_add_act_backward_kernel, (t, triton.cdiv(k, bk)),
         grad_out, z, scale, shift, z if residual is None else residual,
         scale if res_scale is None else res_scale, scale if res_shift is None else res_shift,
         gz, gz if residual is None else gres, parts[0], parts[1], parts[2],
@@ -311,14 +302,12 @@ def bn_add_act_backward(grad_out, z, scale, shift, residual, res_scale, res_shif
 
 
 def stats_backward(grad_z, grad_stats, z, stats, count):
-    from torch.library import wrap_triton
-
     z, m, k = _mk(z)
     grad_z = grad_z.contiguous(memory_format=_CL)
     out = torch.empty_like(z, memory_format=_CL)
     if m and k:
         bm, bk = _blocks()
-        wrap_triton(stats_backward_kernel)[(triton.cdiv(m, bm), triton.cdiv(k, bk))](
+        launch(stats_backward_kernel, (triton.cdiv(m, bm), triton.cdiv(k, bk)),
             grad_z, grad_stats.contiguous(), z, stats.contiguous(), out, m, k, 1.0 / max(count, 1),
             BLOCK_M=bm, BLOCK_K=bk,
         )

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from . import interpret_mode
+from ._launch import launch
 
 STAT_ROWS = 16  # rows per statistics partial; every BLOCK_M is a multiple of it
 
@@ -256,8 +257,6 @@ def launch_conv(x, weight, stride, padding, dilation, groups, *, in_scale=None, 
     x: (N, C, H, W) any strides (read once into channels_last if needed); weight (K, Cg, R, S)
     like x; vectors float32; residual like the output. Arguments are validated by the caller.
     """
-    from torch.library import wrap_triton
-
     n, c, h, w = x.shape
     k, cg, r, s = weight.shape
     p, q = out_hw(h, w, r, s, stride, padding, dilation)
@@ -280,7 +279,7 @@ def launch_conv(x, weight, stride, padding, dilation, groups, *, in_scale=None, 
     dummy = out
     if m > 0 and k > 0:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kg, meta["BLOCK_N"]), groups)  # noqa: E731
-        wrap_triton(conv_kernel)[grid](
+        launch(conv_kernel, grid,
             x, wp, out,
             dummy if scale is None else scale, dummy if shift is None else shift,
             dummy if residual is None else residual,
@@ -303,7 +302,7 @@ def launch_conv(x, weight, stride, padding, dilation, groups, *, in_scale=None, 
     elif k > 0:
         block_k = 16 if interpret_mode() else 64
         block_s = 16 if interpret_mode() else 64
-        wrap_triton(stats_reduce_kernel)[(triton.cdiv(k, block_k),)](
+        launch(stats_reduce_kernel, (triton.cdiv(k, block_k),),
             pmean, pm2, st, m, k, n_slots, STAT_ROWS=STAT_ROWS, BLOCK_S=block_s, BLOCK_K=block_k,
         )
     return out, st
