@@ -1,0 +1,89 @@
+"""Synchronized batch statistics over two processes (gloo, CPU) equal the statistics of the whole
+batch computed in one process: outputs, every gradient and the running statistics."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import requires_c
+
+import fused_resnet
+from fused_resnet import reference as ref
+from fused_resnet.distributed import is_active, sync_stats
+
+WORKER = Path(__file__).parent / "dist" / "worker_stats.py"
+
+
+def test_sync_stats_passes_through_without_a_process_group():
+    stats = torch.randn(2, 5)
+    out, count = sync_stats(stats, 7)
+    assert not is_active() and out is stats and count == 7
+
+
+@pytest.mark.parametrize("bad,match", [(torch.randn(3, 5), "stats"), (torch.randn(5), "stats")])
+def test_sync_stats_rejects_bad_stats(bad, match):
+    with pytest.raises(ValueError, match=match):
+        sync_stats(bad, 4)
+
+
+def test_sync_stats_rejects_bad_count():
+    with pytest.raises(ValueError, match="count"):
+        sync_stats(torch.randn(2, 5), -1)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=requires_c)])
+def test_two_ranks_match_the_whole_batch(tmp_path, backend):
+    torch.manual_seed(0)
+    n, c, k, h = 5, 3, 4, 6
+    splits = [0, 3, 5]  # unequal per-rank batches: 3 and 2 images
+    dt = torch.float64
+    d = {
+        "x": torch.randn(n, c, h, h, dtype=dt) + 2.0, "w": torch.randn(k, c, 3, 3, dtype=dt),
+        "gamma": torch.rand(k, dtype=dt) + 0.5, "beta": torch.randn(k, dtype=dt),
+        "rm": torch.randn(k, dtype=dt), "rv": torch.rand(k, dtype=dt) + 0.5,
+        "res": torch.randn(n, k, h, h, dtype=dt), "g": torch.randn(n, k, h, h, dtype=dt), "splits": splits,
+    }
+    torch.save(d, tmp_path / "inputs.pt")
+    env = {key: v for key, v in os.environ.items() if not key.startswith("FUSED_RESNET_BACKEND")}
+    env["FUSED_RESNET_QUIET"] = "1"
+    root = str(Path(fused_resnet.__file__).resolve().parents[1])  # the tree under test, installed or not
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    procs = [
+        subprocess.Popen([sys.executable, str(WORKER), str(r), "2", str(tmp_path / "init"),
+                          str(tmp_path / "inputs.pt"), str(tmp_path / f"out{r}.pt"), backend],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out
+    outs = [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
+
+    # the whole batch in one process, with the reference
+    x = d["x"].clone().requires_grad_()
+    w, gamma, beta = (d[key].clone().requires_grad_() for key in ("w", "gamma", "beta"))
+    z, stats = ref.conv_stats(x, w, padding=(1, 1))
+    count = n * h * h
+    scale, shift, _, _ = ref.bn_finalize(stats, count, gamma, beta, 1e-5)
+    y = ref.bn_add_act(z, scale, shift, d["res"], relu=True)
+    (y * d["g"]).sum().backward()
+    rm, rv, nbt = d["rm"].clone(), d["rv"].clone(), torch.zeros((), dtype=torch.int64)
+    ref.bn_update_running_stats(stats.detach(), count, rm, rv, nbt, 0.1)
+
+    close = dict(rtol=1e-9, atol=1e-9)
+    for r, o in enumerate(outs):
+        lo, hi = splits[r], splits[r + 1]
+        assert o["total"] == count
+        torch.testing.assert_close(o["y"], y[lo:hi].detach(), **close)
+        torch.testing.assert_close(o["gx"], x.grad[lo:hi], **close)
+        torch.testing.assert_close(o["gw"], w.grad, **close)
+        torch.testing.assert_close(o["ggamma"], gamma.grad, **close)
+        torch.testing.assert_close(o["gbeta"], beta.grad, **close)
+        torch.testing.assert_close(o["rm"], rm, **close)
+        torch.testing.assert_close(o["rv"], rv, **close)
+        assert int(o["nbt"]) == 1
