@@ -215,6 +215,11 @@ def _mk(t: torch.Tensor):
     return t, n * h * w, k
 
 
+def _c(*vs):
+    """Per-channel vectors with unit stride (the kernels index them as ``ptr + k``)."""
+    return tuple(None if v is None else v.contiguous() for v in vs)
+
+
 def _vec_block():
     return 16 if interpret_mode() else 256
 
@@ -249,6 +254,7 @@ def bn_update_running_stats(stats, count, running_mean, running_var, num_batches
 
 def bn_add_act(z, scale, shift, residual, res_scale, res_shift, relu):
     z, m, k = _mk(z)
+    scale, shift, res_scale, res_shift = _c(scale, shift, res_scale, res_shift)
     out = torch.empty_like(z, memory_format=_CL)
     if residual is not None:
         residual = residual.contiguous(memory_format=_CL)
@@ -272,6 +278,7 @@ def _sum_rows(part, k):
 
 def bn_add_act_backward(grad_out, z, scale, shift, residual, res_scale, res_shift, relu):
     z, m, k = _mk(z)
+    scale, shift, res_scale, res_shift = _c(scale, shift, res_scale, res_shift)
     grad_out = grad_out.contiguous(memory_format=_CL)
     gz = torch.empty_like(z, memory_format=_CL)
     empty_vec = scale.new_empty(0)

@@ -92,7 +92,7 @@ def conv_kernel(
     scale_ptr, shift_ptr,  # (K,) float32 epilogue (conv_bn_act)
     res_ptr,  # (N, P, Q, K) x.dtype residual (conv_bn_act with HAS_RES)
     in_scale_ptr, in_shift_ptr,  # (C,) float32 prologue
-    pmean_ptr, pm2_ptr,  # (cdiv(M, STAT_ROWS), K) float32 statistics partials (STATS)
+    pmean_ptr, plo_ptr, pm2_ptr,  # (cdiv(M, STAT_ROWS), K) float32 partials: mean = hi + lo, M2 (STATS)
     # sizes
     H, W, C, P, Q, K, M, Cg, Kg,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
@@ -172,15 +172,21 @@ def conv_kernel(
         NB: tl.constexpr = BLOCK_M // STAT_ROWS
         z3 = tl.reshape(zf, (NB, STAT_ROWS, BLOCK_N))
         cnt = tl.sum(tl.reshape(mask_m.to(tl.float32), (NB, STAT_ROWS)), axis=1)  # (NB,)
-        mean = tl.sum(z3, axis=1) / tl.maximum(cnt, 1.0)[:, None]  # (NB, BLOCK_N)
+        inv_cnt = 1.0 / tl.maximum(cnt, 1.0)[:, None]
+        # The block mean as an unevaluated sum hi + lo: hi is the float32 mean, lo the mean of
+        # the (exact, as z is close to hi) deviations from it. Keeping lo is what keeps the merged
+        # M2 accurate when |mean| >> std: hi alone carries up to an ulp of |mean| of error.
+        hi = tl.sum(z3, axis=1) * inv_cnt  # (NB, BLOCK_N)
         valid3 = tl.reshape(mask_m, (NB, STAT_ROWS))
-        dev = tl.where(valid3[:, :, None], z3 - mean[:, None, :], 0.0)
-        m2 = tl.sum(dev * dev, axis=1)
+        dev = tl.where(valid3[:, :, None], z3 - hi[:, None, :], 0.0)
+        lo = tl.sum(dev, axis=1) * inv_cnt
+        m2 = tl.maximum(tl.sum(dev * dev, axis=1) - lo * lo * cnt[:, None], 0.0)
         slot = pid_m * NB + tl.arange(0, NB)
         n_slots = tl.cdiv(M, STAT_ROWS)
         p_offs = slot.to(tl.int64)[:, None] * K + k_glob[None, :]
         p_mask = (slot < n_slots)[:, None] & mask_n[None, :]
-        tl.store(pmean_ptr + p_offs, mean, mask=p_mask)
+        tl.store(pmean_ptr + p_offs, hi, mask=p_mask)
+        tl.store(plo_ptr + p_offs, lo, mask=p_mask)
         tl.store(pm2_ptr + p_offs, m2, mask=p_mask)
     else:
         sc = tl.load(scale_ptr + k_glob, mask=mask_n, other=0.0)
@@ -195,17 +201,23 @@ def conv_kernel(
 
 @triton.jit
 def stats_reduce_kernel(
-    pmean_ptr, pm2_ptr,  # (n_slots, K) float32 partials
+    pmean_ptr, plo_ptr, pm2_ptr,  # (n_slots, K) float32 partials: block mean = hi + lo, block M2
     stats_ptr,  # (2, K) float32 out: (mean, M2)
     M, K, n_slots,
     STAT_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Merge the per-16-row partials of each channel in slot order (Chan's parallel formula)."""
+    """Merge the per-16-row partials of each channel in slot order (Chan's parallel formula).
+
+    Means are merged as offsets from a per-channel pivot (the first block's ``hi``):
+    ``hi_i - pivot`` is exact when the means are close (Sterbenz), and ``+ lo_i`` restores the
+    digits ``hi_i`` lost, so the between-block term of M2 stays accurate when |mean| >> std.
+    """
     pid = tl.program_id(0)
     offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
+    pivot = tl.load(pmean_ptr + offs_k, mask=mask_k, other=0.0)
     n_a = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    mean_a = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    mean_a = tl.zeros((BLOCK_K,), dtype=tl.float32)  # offset from the pivot
     m2_a = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for s0 in range(0, n_slots, BLOCK_S):
         slot = s0 + tl.arange(0, BLOCK_S)
@@ -214,8 +226,10 @@ def stats_reduce_kernel(
         cnt = tl.where(mask_s, cnt, 0.0)
         offs = slot.to(tl.int64)[:, None] * K + offs_k[None, :]
         msk = mask_s[:, None] & mask_k[None, :]
-        pm = tl.load(pmean_ptr + offs, mask=msk, other=0.0)
+        hi = tl.load(pmean_ptr + offs, mask=msk, other=0.0)
+        lo = tl.load(plo_ptr + offs, mask=msk, other=0.0)
         pv = tl.load(pm2_ptr + offs, mask=msk, other=0.0)
+        pm = tl.where(msk, (hi - pivot[None, :]) + lo, 0.0)
         n_b = tl.sum(cnt, axis=0)  # scalar: every channel has the same count
         mean_b = tl.sum(pm * cnt[:, None], axis=0) / n_b
         d = tl.where(msk, pm - mean_b[None, :], 0.0)
@@ -225,7 +239,7 @@ def stats_reduce_kernel(
         mean_a = mean_a + delta * (n_b / n)
         m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n)
         n_a = n
-    tl.store(stats_ptr + offs_k, mean_a, mask=mask_k)
+    tl.store(stats_ptr + offs_k, pivot + mean_a, mask=mask_k)
     tl.store(stats_ptr + K + offs_k, m2_a, mask=mask_k)
 
 
@@ -268,12 +282,14 @@ def launch_conv(x, weight, stride, padding, dilation, groups, *, in_scale=None, 
     kg = k // groups
     n_slots = triton.cdiv(m, STAT_ROWS)
     if stats:
-        pmean = torch.empty((max(n_slots, 1), k), dtype=torch.float32, device=x.device)
-        pm2 = torch.empty_like(pmean)
+        pmean, plo, pm2 = torch.empty((3, max(n_slots, 1), k), dtype=torch.float32, device=x.device).unbind(0)
     else:
-        pmean = pm2 = out  # unused
+        pmean = plo = pm2 = out  # unused
     if residual is not None:
         residual = residual.contiguous(memory_format=cl)
+    # Per-channel vectors are read with unit stride.
+    scale, shift, in_scale, in_shift = (
+        None if v is None else v.contiguous() for v in (scale, shift, in_scale, in_shift))
     prologue = in_scale is not None or in_shift is not None or bool(in_relu)
     is_gemm = (r == 1 and s == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and groups == 1)
     dummy = out
@@ -284,7 +300,7 @@ def launch_conv(x, weight, stride, padding, dilation, groups, *, in_scale=None, 
             dummy if scale is None else scale, dummy if shift is None else shift,
             dummy if residual is None else residual,
             dummy if in_scale is None else in_scale, dummy if in_shift is None else in_shift,
-            pmean, pm2,
+            pmean, plo, pm2,
             h, w, c, p, q, k, m, cg, kg,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             R=r, S=s, GROUPS=groups,
@@ -303,6 +319,6 @@ def launch_conv(x, weight, stride, padding, dilation, groups, *, in_scale=None, 
         block_k = 16 if interpret_mode() else 64
         block_s = 16 if interpret_mode() else 64
         launch(stats_reduce_kernel, (triton.cdiv(k, block_k),),
-            pmean, pm2, st, m, k, n_slots, STAT_ROWS=STAT_ROWS, BLOCK_S=block_s, BLOCK_K=block_k,
+            pmean, plo, pm2, st, m, k, n_slots, STAT_ROWS=STAT_ROWS, BLOCK_S=block_s, BLOCK_K=block_k,
         )
     return out, st
