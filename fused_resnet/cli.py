@@ -117,6 +117,10 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--backends", help="fused backends, comma-separated (default: every usable one but torch)")
     p.add_argument("--baselines", help=f"comma-separated subset of {','.join(BASELINES)} (default: all that apply "
                                        "on this device; on a CPU torch.compile runs at model level only)")
+    p.add_argument("--compile-levels", default="layer,block,model",
+                   help="levels at which the compile baseline runs (default all; compiling every layer shape is slow)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="start no new measurement after this many seconds; what is left is listed as skipped")
     p.add_argument("--repeats", type=int, help="timed repeats (default 50 on cuda, 3 on cpu)")
     p.add_argument("--warmup", type=int, help="untimed warm-up calls (default 10 on cuda, 1 on cpu)")
     p.add_argument("--buffers", type=int, help="input buffers rotated between calls (default 3 on cuda, 2 on cpu)")
@@ -141,6 +145,7 @@ def _bench(args) -> int:
         baselines=_csv_list(args.baselines) if args.baselines else None,
         warmup=args.warmup, repeats=args.repeats, n_buffers=args.buffers, cuda_graphs=not args.no_cuda_graphs,
         peaks=not args.no_peaks, progress=not args.no_progress, seed=args.seed,
+        compile_levels=_csv_list(args.compile_levels), time_budget_s=args.time_budget,
     )
     try:
         result = run_bench(cfg, argv=["fused-resnet"] + list(args.argv))

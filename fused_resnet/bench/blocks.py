@@ -22,7 +22,7 @@ from fused_resnet import backends
 
 from . import timing
 from ._util import CL, backend_env, make_row, rand, rel_err
-from .config import BenchConfig, compile_at, repeats_for
+from .config import BenchConfig, compile_at, over_budget, repeats_for
 from .fusing import fused_block
 from .shapes import conv_shapes, is_residual_block, module_inputs
 
@@ -56,6 +56,8 @@ def bench_blocks(cfg: BenchConfig, model: nn.Module, peaks: dict | None, progres
         in_shapes = module_inputs(model, batch, cfg.size, (type(mods[pick_blocks(model)[0]]),))
         all_convs = conv_shapes(model, batch, cfg.size, distinct=False)
         for name in pick_blocks(model):
+            if over_budget(cfg, f"blocks from {name} ({mode}) on"):
+                break
             block = mods[name]
             shape = in_shapes.get(name) or module_inputs(model, batch, cfg.size, (type(block),))[name]
             convs = [s for s in all_convs if s.name.startswith(name + ".")]
@@ -130,7 +132,7 @@ def _bench_one(cfg, mode, name, label, block, shape, flops, nbytes, peaks, reps)
             with backend_env(b), torch.set_grad_enabled(train):
                 got = fn(0)
                 err = max(rel_err(got[0], ref_y), rel_err(got[1][0], ref_dx)) if train else rel_err(got, ref_y)
-                t = timing.measure(fn, dev, cfg.warmup, reps)
+                t = timing.measure(fn, dev, max(cfg.warmup - 1, 0), reps)  # fn(0) warmed up
                 launches = timing.count_launches(lambda fn=fn: fn(1), dev)
             rows.append(make_row("block", mode, name, label, variant, timing=t, launches=launches, err=err,
                                  err_vs="same block in float64", **common))

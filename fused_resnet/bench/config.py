@@ -31,7 +31,7 @@ class BenchConfig:
     dtype: str | None = None  # bfloat16 on CUDA, float32 on CPU
     batch: int | None = None  # inference batch: 64 on CUDA, 8 on CPU
     train_batch: int | None = None  # training batch: same as batch on CUDA, 4 on CPU
-    layer_batch: int | None = None  # batch of the per-layer and per-block runs (default: batch / train_batch)
+    layer_batch: int | None = None  # per-layer and per-block batch (default: batch / train_batch on CUDA, 2 on CPU)
     size: int = 224
     modes: tuple[str, ...] = MODES
     levels: tuple[str, ...] = LEVELS
@@ -44,6 +44,8 @@ class BenchConfig:
     peaks: bool = True
     progress: bool = True
     seed: int = 0
+    compile_levels: tuple[str, ...] = LEVELS  # levels at which the compile baseline runs
+    time_budget_s: float | None = None  # no new measurement after this many seconds (rest: skipped)
     skipped: list[dict] = field(default_factory=list)  # what was left out and why, filled by resolve
     baselines_explicit: bool = False  # the user named the baselines (set by resolve)
 
@@ -60,8 +62,8 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
     """Fill per-device defaults and validate; records skipped baselines in ``cfg.skipped``.
 
     CPU defaults are sized to finish in about three minutes on two busy cores: inference batch
-    8, training batch 4, 1 warm-up and 3 timed repeats at model level (more at layer level, via
-    :func:`repeats_for`), and no ``torch.compile`` at layer/block level (compiling each shape
+    8, training batch 4, per-layer and per-block batch 2, 1 warm-up and 3 timed repeats at model
+    level (5 at layer/block level, via :func:`repeats_for`), and no ``torch.compile`` (compiling
     costs more than the whole run; ask for it with ``--baselines``).
     """
     from fused_resnet import backends
@@ -78,9 +80,11 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     cfg.batch = cfg.batch or (64 if gpu else 8)
-    cfg.train_batch = cfg.train_batch or (cfg.batch if gpu else max(1, min(4, cfg.batch)))
-    for name in ("batch", "train_batch", "size"):
-        if getattr(cfg, name) < 1:
+    cfg.train_batch = cfg.train_batch or (cfg.batch if gpu else max(2, min(4, cfg.batch)))
+    if cfg.layer_batch is None and not gpu:
+        cfg.layer_batch = min(2, cfg.batch)
+    for name in ("batch", "train_batch", "layer_batch", "size"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"{name}: expected a positive integer, got {getattr(cfg, name)}")
     if cfg.size < 32:
         raise ValueError(f"size: expected >= 32 (a ResNet downsamples 32x), got {cfg.size}")
@@ -92,9 +96,10 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
     for m in cfg.modes:
         if m not in MODES:
             raise ValueError(f"modes: expected a subset of {', '.join(MODES)}, got {m!r}")
-    for lv in cfg.levels:
-        if lv not in LEVELS:
-            raise ValueError(f"levels: expected a subset of {', '.join(LEVELS)}, got {lv!r}")
+    for name in ("levels", "compile_levels"):
+        for lv in getattr(cfg, name):
+            if lv not in LEVELS:
+                raise ValueError(f"{name}: expected a subset of {', '.join(LEVELS)}, got {lv!r}")
     if cfg.backends is None:
         cfg.backends = tuple(b for b in ("cuda", "triton", "cpu")
                              if backends.unsupported_reason(b, cfg.torch_device, cfg.torch_dtype, "conv_bn_act")
@@ -110,11 +115,16 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
     cfg.baselines_explicit = cfg.baselines is not None
     if cfg.baselines is None:
         cfg.baselines = ("eager", "eager_cl", "cudnn_fused", "compile", "compile_max") if gpu else (
-            "eager", "eager_cl", "compile")
+            "eager", "eager_cl")
         if not gpu:
             cfg.skipped.append({"what": "cudnn_fused, compile_max",
                                 "why": "GPU-only baselines (cuDNN's fused conv-add-relu; max-autotune "
                                        "tunes GPU kernels); GPU figures need a GPU"})
+            cfg.skipped.append({"what": "compile",
+                                "why": "not by default on a CPU: compiling ResNet-50 alone takes about a minute "
+                                       "on 2 idle cores (more when busy), over this run's time budget; add it with "
+                                       "--baselines eager,eager_cl,compile (model level; per layer/block too when "
+                                       "named)"})
     for b in cfg.baselines:
         if b not in BASELINES:
             raise ValueError(f"baselines: expected a subset of {', '.join(BASELINES)}, got {b!r}")
@@ -122,12 +132,32 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
 
 
 def compile_at(cfg: BenchConfig, level: str) -> bool:
-    """Whether the ``compile`` baseline runs at ``level``: always on CUDA; on CPU only at model
-    level unless the user named the baselines (compiling every layer shape on a CPU takes
-    longer than the rest of the run)."""
-    if "compile" not in cfg.baselines:
+    """Whether the ``compile`` baseline runs at ``level`` (when it is among the baselines): at
+    every level on CUDA; on a CPU at every level too, since there it only runs when the user
+    named it."""
+    return "compile" in cfg.baselines and level in cfg.compile_levels
+
+
+_deadline: dict[int, float] = {}
+
+
+def start_clock(cfg: BenchConfig) -> None:
+    """Start the run's time budget (if any)."""
+    import time
+
+    if cfg.time_budget_s:
+        _deadline[id(cfg)] = time.perf_counter() + cfg.time_budget_s
+
+
+def over_budget(cfg: BenchConfig, what: str) -> bool:
+    """True (and ``what`` recorded in ``cfg.skipped``) once the time budget is spent."""
+    import time
+
+    end = _deadline.get(id(cfg))
+    if end is None or time.perf_counter() < end:
         return False
-    return cfg.device == "cuda" or level == "model" or cfg.baselines_explicit
+    cfg.skipped.append({"what": what, "why": f"--time-budget {cfg.time_budget_s:g} s spent"})
+    return True
 
 
 def repeats_for(cfg: BenchConfig, level: str) -> int:

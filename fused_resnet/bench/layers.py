@@ -23,7 +23,7 @@ from fused_resnet import backends, functional, reference
 
 from . import timing
 from ._util import CL, make_row, rand, rel_err
-from .config import BenchConfig, compile_at, repeats_for
+from .config import BenchConfig, compile_at, over_budget, repeats_for
 from .shapes import ConvShape
 
 EPS = 1e-5
@@ -214,6 +214,8 @@ def bench_layers(cfg: BenchConfig, shapes: list[ConvShape], peaks: dict | None, 
     elem = torch.empty((), dtype=cfg.torch_dtype).element_size()
     reps = repeats_for(cfg, "layer")
     for shape in shapes:
+        if over_budget(cfg, f"layers from {shape.name} on"):
+            break
         for mode in cfg.modes:
             batch = cfg.layer_batch or (cfg.batch if mode == "inference" else cfg.train_batch)
             gen = torch.Generator().manual_seed(cfg.seed)
@@ -243,7 +245,7 @@ def bench_layers(cfg: BenchConfig, shapes: list[ConvShape], peaks: dict | None, 
                             err = rel_err(got, ref)
                         else:
                             err = max(rel_err(got[0], ref_y), rel_err(got[1][0], ref_g[0]))
-                        t = timing.measure(fn, dev, cfg.warmup, reps)
+                        t = timing.measure(fn, dev, max(cfg.warmup - 1, 0), reps)  # fn(0) warmed up
                         launches = timing.count_launches(lambda fn=fn: fn(1), dev)
                     rows.append(make_row("layer", mode, s.name, s.label, variant, timing=t, launches=launches,
                                          err=err, err_vs="float64 reference", **common))

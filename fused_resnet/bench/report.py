@@ -190,3 +190,34 @@ def save_results(result: dict, folder: str) -> dict[str, str]:
     if write_plot(result, base + ".png"):
         paths["png"] = base + ".png"
     return paths
+
+
+def format_summary(result: dict) -> str:
+    """A short table: whole-model rows in full, and per (level, mode, variant) the geometric
+    mean speedup over eager NCHW across layers / blocks, the worst error and the launch range."""
+    import math
+
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    lines = [f"{'level':<6} {'mode':<10} {'variant':<12} {'img/s | geomean speedup':>24} {'worst rel err':>13} "
+             f"{'launches':>9}"]
+    for r in ok:
+        if r["level"] == "model":
+            lines.append(f"{'model':<6} {r['mode']:<10} {r['variant']:<12} {r['images_per_s']:>15.1f} img/s "
+                         f"{_f(r['max_rel_err'], '.1e'):>13} {_f(r['launches'], 'd'):>9}")
+    for level in ("layer", "block"):
+        for mode in ("inference", "training"):
+            sel = [r for r in ok if r["level"] == level and r["mode"] == mode]
+            for v in dict.fromkeys(r["variant"] for r in sel):
+                rs = [r for r in sel if r["variant"] == v]
+                sp = [r["speedup_vs_eager"] for r in rs if r["speedup_vs_eager"]]
+                gm = math.exp(sum(math.log(x) for x in sp) / len(sp)) if sp else None
+                errs = [r["max_rel_err"] for r in rs if r["max_rel_err"] is not None]
+                la = [r["launches"] for r in rs if r["launches"] is not None]
+                lr = f"{min(la)}-{max(la)}" if la else "-"
+                lines.append(f"{level:<6} {mode:<10} {v:<12} {_f(gm, '.2f'):>19} x{len(rs):>3} "
+                             f"{_f(max(errs) if errs else None, '.1e'):>13} {lr:>9}")
+    failed = [r for r in result["rows"] if r["status"] == "failed"]
+    if failed:
+        lines.append(f"{len(failed)} FAILED rows, e.g. {failed[0]['level']} {failed[0]['name']} "
+                     f"{failed[0]['variant']}: {failed[0]['reason'][:100]}")
+    return "\n".join(lines)

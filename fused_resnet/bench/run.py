@@ -1,5 +1,6 @@
-"""``run_bench(cfg)``: measure peaks, then layers, blocks and the whole model, and collect one
-result dict (see :mod:`.report` for its layout)."""
+"""``run_bench(cfg)``: measure peaks, then the whole model, the layers and the blocks (in that
+order, so a ``--time-budget`` cuts the per-block detail first), and collect one result dict (see
+:mod:`.report` for its layout)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from . import timing
 from ._util import Progress, add_speedups
-from .config import BenchConfig, resolve
+from .config import BenchConfig, resolve, start_clock
 from .env import collect_env
 from .shapes import conv_shapes
 
@@ -24,6 +25,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None, log=None) -> dict
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     cfg = resolve(cfg)
     t0 = time.perf_counter()
+    start_clock(cfg)
     torch.manual_seed(cfg.seed)
     env = collect_env(argv)
     notes = []
@@ -41,6 +43,16 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None, log=None) -> dict
         peaks = timing.measure_peaks(cfg.torch_device, cfg.torch_dtype, quick=cfg.device == "cpu")
     rows: list[dict] = []
     phases = {}
+    if "model" in cfg.levels:
+        from .models import bench_models
+
+        n_var = len(cfg.backends) + len(cfg.baselines)
+        log(f"whole model: {cfg.model}, batch {cfg.batch} (training {cfg.train_batch})")
+        p = Progress(n_var * len(cfg.modes), "model", cfg.progress)
+        t = time.perf_counter()
+        rows += bench_models(cfg, tv, peaks, p)
+        p.close()
+        phases["model_s"] = time.perf_counter() - t
     if "layer" in cfg.levels:
         shapes = conv_shapes(tv, cfg.batch, cfg.size)
         log(f"per layer: {len(shapes)} distinct convolutions x {len(cfg.modes)} modes")
@@ -61,16 +73,6 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None, log=None) -> dict
         rows += bench_blocks(cfg, tv, peaks, p)
         p.close()
         phases["block_s"] = time.perf_counter() - t
-    if "model" in cfg.levels:
-        from .models import bench_models
-
-        n_var = len(cfg.backends) + len(cfg.baselines)
-        log(f"whole model: {cfg.model}, batch {cfg.batch} (training {cfg.train_batch})")
-        p = Progress(n_var * len(cfg.modes), "model", cfg.progress)
-        t = time.perf_counter()
-        rows += bench_models(cfg, tv, peaks, p)
-        p.close()
-        phases["model_s"] = time.perf_counter() - t
     add_speedups(rows)
     config = dataclasses.asdict(cfg)
     skipped = config.pop("skipped")

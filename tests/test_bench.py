@@ -1,0 +1,246 @@
+"""The benchmark engine (fused_resnet.bench) piece by piece, at sizes a 2-core CPU runs quickly.
+
+Expected values come from outside the code under test: torchvision's published operation count
+for ResNet-50/18, hand-computed byte counts and quantiles, the profiler's view of a known op
+sequence, and a deliberately broken backend that `check` must catch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as TF
+import torchvision
+
+from fused_resnet import _ext, functional
+from fused_resnet.bench import check, config, report, shapes, timing
+from fused_resnet.bench._util import Progress, rel_err
+
+requires_c = pytest.mark.skipif(not _ext.available(), reason="fused_resnet._C not loaded")
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("name, weights", [("resnet50", "ResNet50_Weights"), ("resnet18", "ResNet18_Weights")])
+def test_model_flops_match_torchvision_published_ops(name, weights):
+    model = getattr(torchvision.models, name)()
+    published_gmacs = getattr(torchvision.models, weights).IMAGENET1K_V1.meta["_ops"]
+    # torchvision counts multiply-adds (conv + linear), we count 2 FLOPs per multiply-add
+    assert shapes.model_flops(model, 1, 224) / 2e9 == pytest.approx(published_gmacs, rel=0.01)
+
+
+def test_resnet50_conv_shapes_and_roles():
+    model = torchvision.models.resnet50()
+    distinct = shapes.conv_shapes(model, 8, 224)
+    every = shapes.conv_shapes(model, 8, 224, distinct=False)
+    assert len(every) == 53 == sum(s.count for s in distinct)  # 1 stem + 16 blocks x 3 + 4 projections
+    assert len({s.key() for s in distinct}) == len(distinct)
+    by_name = {s.name: s for s in every}
+    stem = by_name["conv1"]
+    assert (stem.n, stem.c, stem.h, stem.k, stem.r, stem.stride, stem.padding) == (8, 3, 224, 64, 7, 2, 3)
+    assert stem.out_hw == (112, 112) and stem.relu and not stem.residual
+    assert by_name["layer1.0.conv3"].residual and by_name["layer1.0.conv3"].relu
+    assert not by_name["layer2.0.downsample.0"].relu and by_name["layer2.0.downsample.0"].stride == 2
+    assert not by_name["layer3.2.conv1"].residual
+    assert by_name["layer4.2.conv2"].out_hw == (7, 7)
+
+
+def test_flops_and_min_bytes_by_hand():
+    s = shapes.ConvShape("x", n=2, c=64, h=56, w=56, k=256, r=1, s=1, stride=1, padding=0, dilation=1, groups=1,
+                         residual=True, relu=True)
+    assert s.flops == 2 * 2 * 256 * 56 * 56 * 64
+    x, y, w = 2 * 64 * 56 * 56, 2 * 256 * 56 * 56, 256 * 64
+    assert s.min_bytes(2) == 2 * (x + w + 2 * y) + 8 * 256  # bf16 x, w, y, residual + fp32 scale/shift
+    g = shapes.ConvShape("g", 1, 128, 7, 7, 128, 3, 3, 1, 1, 1, 32, False, True)
+    assert g.flops == 2 * 128 * 49 * 4 * 9
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def test_summarize_quantiles():
+    t = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0], "x")
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.repeats) == (3.0, 1.8, 4.2, 5)
+
+
+def test_measure_calls_every_index_once():
+    seen = []
+    t = timing.measure(seen.append, torch.device("cpu"), warmup=2, repeats=4)
+    assert seen == list(range(6)) and t.repeats == 4 and t.median_ms >= 0
+    with pytest.raises(ValueError, match="repeats"):
+        timing.measure(seen.append, torch.device("cpu"), warmup=0, repeats=0)
+
+
+@requires_c
+def test_count_launches_fused_vs_eager_on_cpu():
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 8, 3, 3)
+    sc, sh = torch.rand(8) + 0.5, torch.randn(8)
+    n_fused, unit = timing.count_launches(
+        lambda: functional.conv_bn_act(x, w, sc, sh, x, padding=1, backend="cpu"), torch.device("cpu"))
+    assert (n_fused, unit) == (1, "top-level ops")
+    mean, var = torch.randn(8), torch.rand(8) + 0.5
+
+    def eager():
+        y = TF.batch_norm(TF.conv2d(x, w, padding=1), mean, var, sc, sh, False, 0.0, 1e-5)
+        return torch.relu(y + x)
+
+    assert timing.count_launches(eager, torch.device("cpu"))[0] == 4
+
+
+def test_peaks_are_positive_and_plausible():
+    p = timing.measure_peaks(torch.device("cpu"), torch.float32, quick=True)
+    assert 0 < p["tflops"] < 100 and 0 < p["gbps"] < 10_000
+    assert "torch.mm" in p["tflops_method"]
+
+
+def test_rel_err():
+    ref = torch.tensor([1.0, -4.0, 2.0])
+    assert rel_err(ref + torch.tensor([0.0, 0.4, 0.0]), ref) == pytest.approx(0.1)
+    assert rel_err(torch.tensor([1.0, float("nan"), 2.0]), ref) == math.inf
+
+
+def test_progress_plain_fallback(capsys):
+    p = Progress(2, "demo", enabled=True)
+    p._bar = None  # the plain path, as without tqdm
+    p.step("one")
+    p.step("two")
+    p.close()
+    assert "[demo 2/2] two" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("dtype", "float8", "dtype: expected one of"),
+    ("baselines", ("eager", "cudnn"), "baselines: expected a subset"),
+    ("modes", ("inference", "eval"), "modes: expected a subset"),
+    ("levels", ("net",), "levels: expected a subset"),
+    ("backends", ("gpu",), "backends: expected a subset"),
+    ("size", 16, "size: expected >= 32"),
+    ("device", "tpu", "device: expected"),
+])
+def test_config_rejects_bad_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        config.resolve(config.BenchConfig(**{field: value}))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU defaults")
+def test_cpu_defaults_and_what_is_skipped():
+    cfg = config.resolve(config.BenchConfig())
+    assert (cfg.device, cfg.dtype, cfg.batch, cfg.train_batch) == ("cpu", "float32", 8, 4)
+    assert "compile" not in cfg.baselines and "cudnn_fused" not in cfg.baselines
+    whats = " ".join(s["what"] for s in cfg.skipped)
+    assert "compile" in whats and "fused:cuda" in whats
+    assert all(s["why"] for s in cfg.skipped)
+
+
+# ----------------------------------------------------------------------------- levels
+
+
+@requires_c
+def test_layer_rows_are_correct_and_timed():
+    from fused_resnet.bench.layers import bench_layers
+
+    cfg = config.resolve(config.BenchConfig(device="cpu", batch=2, train_batch=2, repeats=1, warmup=0, peaks=False,
+                                            backends=("cpu",), baselines=("eager", "eager_cl")))
+    model = torchvision.models.resnet18()
+    picked = [s for s in shapes.conv_shapes(model, 2, 32) if s.name in ("layer1.0.conv2", "layer2.0.downsample.0")]
+    rows = bench_layers(cfg, picked, {"tflops": 1.0, "gbps": 10.0}, Progress(4, "t", enabled=False))
+    assert len(rows) == 2 * 2 * 3
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["max_rel_err"] < 1e-5, r  # float32 against the float64 reference
+        assert r["tflops"] > 0 and r["pct_peak_tflops"] == pytest.approx(100 * r["tflops"])
+    fused = [r for r in rows if r["variant"] == "fused:cpu" and r["mode"] == "inference"]
+    eager = [r for r in rows if r["variant"] == "eager" and r["mode"] == "inference"]
+    assert [r["launches"] for r in fused] == [1, 1]
+    assert all(r["launches"] >= 2 for r in eager)
+
+
+@requires_c
+def test_fused_model_matches_torchvision():
+    from fused_resnet.bench._util import randomize_bn
+    from fused_resnet.bench.fusing import fused_model
+
+    tv = randomize_bn(torchvision.models.resnet18(), torch.Generator().manual_seed(0)).eval()
+    fm, impl = fused_model("resnet18", tv, "cpu")
+    assert "fused_resnet" in impl
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = tv.double()(x.double())
+        got = fm.eval()(x.contiguous(memory_format=torch.channels_last))
+    assert rel_err(got, ref) < 1e-4
+
+
+# ----------------------------------------------------------------------------- check
+
+
+@requires_c
+def test_check_passes_on_cpu():
+    result = check.run_check(["cpu"])
+    assert result["passed"], check.format_check(result)
+    ops = {r["op"] for r in result["rows"]}
+    assert {"conv_bn_act", "conv_stats.z", "conv_stats.M2", "bn_finalize", "bn_add_act",
+            "conv_bn_act.backward"} <= ops
+    assert {r["dtype"] for r in result["rows"]} == {"float32", "float64", "float16", "bfloat16"}
+
+
+@requires_c
+def test_check_catches_a_wrong_backend(monkeypatch):
+    real = functional.conv_bn_act
+
+    def off_by_a_little(*a, **k):
+        return real(*a, **k) * 1.001
+
+    monkeypatch.setattr(functional, "conv_bn_act", off_by_a_little)
+    rows = check.check_backend("cpu", "cpu", torch.float32)
+    failed = {r["op"] for r in rows if not r["passed"]}
+    assert failed == {"conv_bn_act", "conv_bn_act.backward"}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fake_result(tmp_path):
+    from fused_resnet.bench._util import make_row
+    from fused_resnet.bench.env import collect_env
+
+    t = timing.summarize([1.0, 2.0, 3.0], "perf_counter")
+    t2 = timing.summarize([2.0, 4.0, 6.0], "perf_counter")
+    rows = [make_row("layer", "inference", "l1", "3x3", "eager", timing=t2, batch=2, flops=4e9, err=1e-7),
+            make_row("layer", "inference", "l1", "3x3", "fused:cpu", timing=t, batch=2, flops=4e9, err=2e-7),
+            make_row("model", "inference", "resnet18", "resnet18 64", "fused:cpu", timing=t, batch=2, err=1e-6),
+            make_row("model", "inference", "resnet18", "resnet18 64", "compile", status="skipped", reason="why")]
+    from fused_resnet.bench._util import add_speedups
+
+    add_speedups(rows)
+    cfg = config.resolve(config.BenchConfig(model="resnet18", device="cpu"))
+    import dataclasses
+
+    c = dataclasses.asdict(cfg)
+    return {"env": collect_env(["fused-resnet", "bench"]), "config": c, "peaks": None, "skipped": c.pop("skipped"),
+            "notes": [], "phases": {}, "rows": rows}
+
+
+def test_report_writers(tmp_path):
+    result = _fake_result(tmp_path)
+    assert result["rows"][1]["speedup_vs_eager"] == pytest.approx(2.0)
+    text = report.format_table(result)
+    assert "fused:cpu" in text and "skipped: why" in text and "2.00" in text
+    report.write_csv(result, tmp_path / "r.csv")
+    lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert lines[0].startswith("level,mode,name") and len(lines) == 5
+    assert report.write_plot(result, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    paths = report.save_results(result, str(tmp_path / "results"))
+    assert set(paths) == {"json", "md", "png"}
+    md = open(paths["md"]).read()
+    assert "AMD" in md or result["env"]["cpu"]["model"] in md
+    assert json.load(open(paths["json"]))["env"]["versions"]["torch"] == torch.__version__
