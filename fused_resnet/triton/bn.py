@@ -68,9 +68,9 @@ def bn_finalize_kernel(
 @triton.jit
 def bn_update_running_stats_kernel(
     stats_ptr,  # (2, K) float32
-    rmean_ptr, rvar_ptr,  # (K,) any float dtype, updated in place
+    rmean_ptr, rvar_ptr,  # (K,) any float dtype, any stride, updated in place
     nbt_ptr,  # (1,) int64, incremented in place (HAS_NBT)
-    K, count, momentum,
+    K, count, momentum, rm_stride, rv_stride,
     HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -86,12 +86,12 @@ def bn_update_running_stats_kernel(
     mean = tl.load(stats_ptr + offs, mask=mask, other=0.0)
     m2 = tl.load(stats_ptr + K + offs, mask=mask, other=0.0)
     unbiased = m2 / tl.maximum(count - 1, 1)
-    rm = tl.load(rmean_ptr + offs, mask=mask, other=0.0)
-    rv = tl.load(rvar_ptr + offs, mask=mask, other=0.0)
+    rm = tl.load(rmean_ptr + offs * rm_stride, mask=mask, other=0.0)
+    rv = tl.load(rvar_ptr + offs * rv_stride, mask=mask, other=0.0)
     new_rm = rm.to(tl.float32) * (1.0 - factor) + mean * factor
     new_rv = rv.to(tl.float32) * (1.0 - factor) + unbiased * factor
-    tl.store(rmean_ptr + offs, new_rm.to(rmean_ptr.dtype.element_ty), mask=mask)
-    tl.store(rvar_ptr + offs, new_rv.to(rvar_ptr.dtype.element_ty), mask=mask)
+    tl.store(rmean_ptr + offs * rm_stride, new_rm.to(rmean_ptr.dtype.element_ty), mask=mask)
+    tl.store(rvar_ptr + offs * rv_stride, new_rv.to(rvar_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -241,13 +241,11 @@ def bn_update_running_stats(stats, count, running_mean, running_var, num_batches
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     k = stats.shape[1]
-    if not (running_mean.is_contiguous() and running_var.is_contiguous()):
-        raise ValueError("running_mean, running_var: expected contiguous 1-D tensors")
     blk = max(_vec_block(), triton.next_power_of_2(max(k, 1)))  # one program: nbt incremented once
     launch(bn_update_running_stats_kernel, (triton.cdiv(max(k, 1), blk),),
         stats.contiguous(), running_mean, running_var,
         running_mean if num_batches_tracked is None else num_batches_tracked,
-        k, count, 0.0 if momentum is None else float(momentum),
+        k, count, 0.0 if momentum is None else float(momentum), running_mean.stride(0), running_var.stride(0),
         HAS_NBT=num_batches_tracked is not None, CUMULATIVE=momentum is None, BLOCK=blk,
     )
 

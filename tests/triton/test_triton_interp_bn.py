@@ -117,3 +117,41 @@ def test_nchw_inputs_are_accepted():
     nchw = [a.contiguous() if (a is not None and a.dim() == 4) else a for a in args]
     y = T.bn_add_act(*nchw, True)
     assert_matches(y, ref.bn_add_act(*map(f64, args), True), torch.float32)
+
+
+def test_bad_input_names_the_argument():
+    z = rand(2, 4, 3, 3)
+    s, b = vec(4), vec(4)
+    with pytest.raises(TypeError, match="scale: expected float32"):
+        T.bn_add_act(z, s.double(), b, None, None, None, True)
+    with pytest.raises(ValueError, match=r"shift: expected shape \(4,\)"):
+        T.bn_add_act(z, s, vec(5), None, None, None, True)
+    with pytest.raises(ValueError, match="residual: expected shape"):
+        T.bn_add_act(z, s, b, rand(2, 4, 3, 2), None, None, True)
+    with pytest.raises(ValueError, match="res_scale, res_shift: given without a residual"):
+        T.bn_add_act(z, s, b, None, s, None, True)
+    with pytest.raises(TypeError, match="grad_out: expected dtype"):
+        T.bn_add_act_backward(z.half(), z, s, b, None, None, None, True)
+    with pytest.raises(ValueError, match=r"stats: expected shape \(2, K\)"):
+        T.bn_finalize(torch.zeros(3, 4), 9, None, None, 1e-5)
+    with pytest.raises(ValueError, match=r"grad_stats: expected shape \(2, 4\)"):
+        T.stats_backward(z, torch.zeros(2, 5), z, torch.zeros(2, 4), 18)
+    with pytest.raises(ValueError, match="running_var"):
+        T.bn_update_running_stats(torch.zeros(2, 4), 9, torch.zeros(4), torch.zeros(3), None, 0.1)
+    w = rand(6, 4, 3, 3)
+    with pytest.raises(ValueError, match="weight/groups"):
+        T.conv_bn_act(z, w, vec(6), vec(6), None, [1, 1], [1, 1], [1, 1], 3, True)
+    with pytest.raises(ValueError, match="in_scale"):
+        T.conv_stats(z, w, vec(6), None, False, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(TypeError, match="x: the Triton backend expects"):
+        T.conv_stats(z.double(), w.double(), None, None, False, [1, 1], [1, 1], [1, 1], 1)
+
+
+def test_bn_update_running_stats_strided_buffers():
+    stats = _stats(8, 30)
+    base_m, base_v = torch.randn(16), torch.rand(16) + 0.5
+    em, ev = base_m[::2].double(), base_v[::2].double()
+    T.bn_update_running_stats(stats, 30, base_m[::2], base_v[::2], None, 0.2)
+    ref.bn_update_running_stats(f64(stats), 30, em, ev, None, 0.2)
+    assert_matches(base_m[::2], em, torch.float32)
+    assert_matches(base_v[::2], ev, torch.float32)
