@@ -1,0 +1,548 @@
+"""The Triton backend (fused_resnet/triton) on a GPU, op by op, against the executable spec.
+
+Every op is called through ``torch.ops.fused_resnet_triton.*`` (or the functional API with
+``backend="triton"``) and compared with :mod:`fused_resnet.reference` on float64 copies of the
+same random inputs, by the design's rule: the error against the float64 reference may be at most
+2x the error of PyTorch's own eager computation in the same dtype (F.conv2d / BatchNorm math /
+add / relu, each rounded to that dtype as an eager model would), plus a small floor scaled by
+the output's magnitude. TF32 is off (so float32 is held to float32 accuracy) except in the test
+that checks the TF32 path against cuDNN's own TF32 convolution.
+
+Shapes: real ResNet-50 layers at batch 4 (stem 7x7/s2, 3x3, 1x1 s1 -- the plain-GEMM path --,
+1x1 s2, conv5 reduce), ResNeXt grouped 3x3 (32x4d, 32x8d, 64x4d), dilation, and odd ones
+(batch 1, H = W = 1, odd channel counts). Also: |mean| >> std statistics, bitwise determinism,
+empty batches, int64 addressing past 2^31 elements, CUDA graph capture, a training block's
+gradients through the functional API, torch.compile(fullgraph=True) with Inductor, and the
+persistent autotuning cache (a second process does not re-tune).
+
+Skips without CUDA or without triton.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_resnet import reference as ref
+from fused_resnet.triton import triton_import_error
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.skipif(triton_import_error() is not None, reason="triton does not import"),
+]
+
+CL = torch.channels_last
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def T():
+    from fused_resnet.triton import load_ops
+
+    return load_ops()
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32_seeded():
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@dataclass(frozen=True)
+class Conv:
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    r: int = 3
+    stride: int = 1
+    padding: int = 1
+    dilation: int = 1
+    groups: int = 1
+
+    @property
+    def args(self):
+        s, p, d = self.stride, self.padding, self.dilation
+        return [s, s], [p, p], [d, d], self.groups
+
+    def out_hw(self):
+        e = self.dilation * (self.r - 1) + 1
+        return ((self.h + 2 * self.padding - e) // self.stride + 1,
+                (self.w + 2 * self.padding - e) // self.stride + 1)
+
+    def __str__(self):
+        return (f"{self.n}x{self.c}x{self.h}x{self.w}-k{self.k}r{self.r}s{self.stride}"
+                f"p{self.padding}d{self.dilation}g{self.groups}")
+
+
+RESNET50 = [
+    Conv(4, 3, 224, 224, 64, r=7, stride=2, padding=3),  # stem
+    Conv(4, 64, 56, 56, 64),  # conv2_x 3x3
+    Conv(4, 64, 56, 56, 256, r=1, padding=0),  # conv2_x 1x1 expand: plain GEMM path
+    Conv(4, 128, 56, 56, 128, stride=2),  # conv3_1 3x3 stride 2 (torchvision v1.5)
+    Conv(4, 256, 56, 56, 512, r=1, stride=2, padding=0),  # projection shortcut 1x1 s2
+    Conv(4, 1024, 14, 14, 256, r=1, padding=0),  # conv5 entry 1x1 reduce
+    Conv(4, 512, 7, 7, 512),  # conv5_x 3x3
+]
+GROUPED = [
+    Conv(4, 128, 56, 56, 128, groups=32),  # ResNeXt-50 32x4d conv2_x
+    Conv(4, 256, 56, 56, 256, groups=32),  # ResNeXt-101 32x8d conv2_x
+    Conv(4, 256, 56, 56, 256, groups=64),  # ResNeXt-101 64x4d conv2_x
+    Conv(4, 512, 28, 28, 512, stride=2, groups=32),  # 32x4d conv4 entry, stride 2
+]
+ODD = [
+    Conv(1, 64, 1, 1, 10, r=1, padding=0),  # batch 1, H = W = 1
+    Conv(2, 5, 9, 7, 7),  # odd channels, non-square
+    Conv(2, 256, 28, 28, 256, padding=2, dilation=2),  # dilated 3x3 (DeepLab-style ResNet)
+    Conv(2, 32, 15, 15, 36, stride=2),  # stride 2, odd spatial, channels not a tile multiple
+]
+CASES = RESNET50 + GROUPED + ODD
+
+
+def rand(*shape, dtype, scale=1.0, offset=0.0, channels_last=True):
+    t = (torch.randn(*shape, dtype=torch.float64, device=DEV) * scale + offset).to(dtype)
+    return t.contiguous(memory_format=CL) if channels_last and t.dim() == 4 else t
+
+
+def vec(k, positive=False):
+    v = torch.randn(k, dtype=torch.float64, device=DEV)
+    return (v.abs() + 0.5 if positive else v).float()
+
+
+def d64(t):
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def conv_inputs(case: Conv, dtype):
+    x = rand(case.n, case.c, case.h, case.w, dtype=dtype)
+    fan_in = case.c // case.groups * case.r * case.r
+    w = rand(case.k, case.c // case.groups, case.r, case.r, dtype=dtype, scale=(2.0 / fan_in) ** 0.5)
+    return x, w
+
+
+def assert_rule(actual, expected, dtype, eager=None, what="output"):
+    """max |actual - expected| <= 2 * max |eager - expected| + FLOOR[dtype] * max(|expected|, 1)."""
+    assert tuple(actual.shape) == tuple(expected.shape), f"{what}: shape {tuple(actual.shape)}"
+    a, e = d64(actual), d64(expected)
+    if a.numel() == 0:
+        return
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    mag = max(e.abs().max().item(), 1.0)
+    err = (a - e).abs().max().item()
+    own = 0.0 if eager is None else (d64(eager) - e).abs().max().item()
+    bound = 2 * own + FLOOR[dtype] * mag
+    assert err <= bound, f"{what} [{dtype}]: error {err:.3e} > bound {bound:.3e} (eager {own:.3e}, mag {mag:.3e})"
+
+
+def assert_nhwc(t, what="output"):
+    assert t.is_cuda and t.is_contiguous(memory_format=CL), f"{what}: expected CUDA channels_last"
+
+
+def bc(v):
+    return v.view(1, -1, 1, 1)
+
+
+def eager_bn(t, scale, shift):
+    return (t.float() * bc(scale) + bc(shift)).to(t.dtype)
+
+
+def eager_conv_bn_act(x, w, scale, shift, residual, case, relu):
+    y = eager_bn(F.conv2d(x, w, None, *case.args), scale, shift)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+def eager_prologue(x, in_scale, in_shift, in_relu):
+    t = x
+    if in_scale is not None or in_shift is not None:
+        t = x.float()
+        t = t * bc(in_scale) if in_scale is not None else t
+        t = t + bc(in_shift) if in_shift is not None else t
+        t = t.to(x.dtype)
+    return torch.relu(t) if in_relu else t
+
+
+def stats_of(z):
+    z = z.to(torch.float64) if z.dtype == torch.float64 else z.float()
+    mean = z.mean(dim=(0, 2, 3))
+    return torch.stack([mean, ((z - bc(mean)) ** 2).sum(dim=(0, 2, 3))])
+
+
+# ---------------------------------------------------------------------------------------
+# convolution
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, False)], ids=["res-relu", "plain"])
+def test_conv_bn_act(case, dtype, residual, relu):
+    x, w = conv_inputs(case, dtype)
+    scale, shift = vec(case.k, positive=True), vec(case.k)
+    res = rand(case.n, case.k, *case.out_hw(), dtype=dtype) if residual else None
+    y = T().conv_bn_act(x, w, scale, shift, res, *case.args, relu)
+    assert_nhwc(y)
+    assert y.dtype == dtype
+    expected = ref.conv_bn_act(d64(x), d64(w), d64(scale), d64(shift), d64(res), *case.args, relu=relu)
+    eager = eager_conv_bn_act(x, w, scale, shift, res, case, relu)
+    assert_rule(y, expected, dtype, eager, f"conv_bn_act {case}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("prologue", ["none", "bn-relu"])
+def test_conv_stats(case, dtype, prologue):
+    x, w = conv_inputs(case, dtype)
+    in_scale = vec(case.c, positive=True) if prologue != "none" else None
+    in_shift = vec(case.c) if prologue != "none" else None
+    in_relu = prologue != "none"
+    z, stats = T().conv_stats(x, w, in_scale, in_shift, in_relu, *case.args)
+    assert_nhwc(z, "z")
+    assert z.dtype == dtype and stats.dtype == torch.float32 and stats.shape == (2, case.k)
+    ez, estats = ref.conv_stats(d64(x), d64(w), d64(in_scale), d64(in_shift), in_relu, *case.args)
+    eager_z = F.conv2d(eager_prologue(x, in_scale, in_shift, in_relu), w, None, *case.args)
+    eager_s = stats_of(eager_z)
+    what = f"conv_stats {case} {prologue}"
+    assert_rule(z, ez, dtype, eager_z, what + " z")
+    assert_rule(stats[0], estats[0], dtype, eager_s[0], what + " mean")
+    assert_rule(stats[1], estats[1], dtype, eager_s[1], what + " M2")
+    # Statistics of the returned z vs float64 statistics of that same z (the reduction alone).
+    own = stats_of(d64(z))
+    assert (d64(stats[0]) - own[0]).abs().max().item() <= 2e-6 * max(own[0].abs().max().item(), 1.0)
+    m2_rel = ((d64(stats[1]) - own[1]).abs() / own[1].clamp_min(1e-30)).max().item()
+    assert m2_rel <= 2e-5, f"{what}: M2 relative error {m2_rel:.3e}"
+
+
+@pytest.mark.parametrize("case", [RESNET50[1], RESNET50[2], GROUPED[0]], ids=str)
+def test_tf32_follows_cudnn_flag(case):
+    """allow_tf32 (PyTorch's default for convolutions): TF32 tensor cores, held to 2x cuDNN's own
+    TF32 error; with the flag off the result is float32-accurate (the other tests)."""
+    torch.backends.cudnn.allow_tf32 = True
+    x, w = conv_inputs(case, torch.float32)
+    scale, shift = vec(case.k, positive=True), vec(case.k)
+    y = T().conv_bn_act(x, w, scale, shift, None, *case.args, False)
+    expected = ref.conv_bn_act(d64(x), d64(w), d64(scale), d64(shift), None, *case.args, relu=False)
+    eager = eager_conv_bn_act(x, w, scale, shift, None, case, False)  # cuDNN with TF32
+    assert_rule(y, expected, torch.float32, eager, f"tf32 {case}")
+
+
+@pytest.mark.parametrize("dtype,offset,spread", [(torch.float32, 1e3, 1.0), (torch.float32, -2e4, 3.0),
+                                                 (torch.float32, 5e2, 0.05), (torch.float16, 60.0, 8.0),
+                                                 (torch.bfloat16, -60.0, 8.0)], ids=str)
+def test_conv_stats_large_mean(dtype, offset, spread):
+    n, c, h, wd, k = 8, 64, 28, 28, 48
+    x = rand(n, c, h, wd, dtype=dtype, scale=spread, offset=offset)
+    w = (torch.full((k, c, 1, 1), 1.0 / c, dtype=torch.float64, device=DEV)
+         * (1 + 0.01 * torch.randn(k, 1, 1, 1, dtype=torch.float64, device=DEV))).to(dtype)
+    z, stats = T().conv_stats(x, w.contiguous(memory_format=CL), None, None, False, [1, 1], [0, 0], [1, 1], 1)
+    own = stats_of(d64(z))
+    std = (own[1] / (n * h * wd)).sqrt()
+    assert (std > 0).all() and (own[0].abs() > 10 * std).all(), "not a large-mean case"
+    mean_err = ((d64(stats[0]) - own[0]).abs() / own[0].abs()).max().item()
+    m2_rel = ((d64(stats[1]) - own[1]).abs() / own[1]).max().item()
+    assert mean_err <= 1e-6, f"mean relative error {mean_err:.3e}"
+    assert m2_rel <= 3e-5, f"M2 relative error {m2_rel:.3e}"
+
+
+def test_int64_offsets_past_2_pow_31():
+    """x and the output each hold more than 2^31 elements: the last image's addresses need int64."""
+    free, _ = torch.cuda.mem_get_info()
+    c = k = 64
+    hw = 112
+    n = 2**31 // (c * hw * hw) + 2
+    need = 2 * n * c * hw * hw * 2 * 1.2  # x and out in float16, plus slack
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory")
+    x = torch.empty((n, c, hw, hw), dtype=torch.float16, device=DEV, memory_format=CL)
+    x[-2:].copy_(rand(2, c, hw, hw, dtype=torch.float16))
+    x[:-2].fill_(1.0)
+    w = rand(k, c, 1, 1, dtype=torch.float16, scale=0.125)
+    scale, shift = vec(k, positive=True), vec(k)
+    y = T().conv_bn_act(x, w, scale, shift, None, [1, 1], [0, 0], [1, 1], 1, True)
+    assert x.numel() > 2**31 and y.numel() > 2**31
+    tail = y[-2:]
+    expected = ref.conv_bn_act(d64(x[-2:]), d64(w), d64(scale), d64(shift), None, (1, 1), (0, 0), (1, 1), 1, True)
+    eager = torch.relu(eager_bn(F.conv2d(x[-2:], w), scale, shift))
+    assert_rule(tail, expected, torch.float16, eager, "last images past 2^31")
+    del y
+    out = T().bn_add_act(x, scale[:c], shift[:c], None, None, None, False)
+    assert_rule(out[-2:], ref.bn_add_act(d64(x[-2:]), d64(scale), d64(shift), relu=False), torch.float16,
+                eager_bn(x[-2:], scale, shift), "bn_add_act past 2^31")
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm ops
+
+DUAL = {"none": (False, False, False), "res": (True, False, False), "dual": (True, True, True),
+        "res-scale": (True, True, False)}
+ACT_SHAPES = [(4, 256, 56, 56), (4, 2048, 7, 7), (1, 7, 5, 3), (3, 64, 1, 1)]
+
+
+def _bn_inputs(shape, dtype, variant):
+    has_res, has_rs, has_rsh = DUAL[variant]
+    k = shape[1]
+    z = rand(*shape, dtype=dtype)
+    res = rand(*shape, dtype=dtype) if has_res else None
+    return (z, vec(k, positive=True), vec(k), res, vec(k, positive=True) if has_rs else None,
+            vec(k) if has_rsh else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ACT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", list(DUAL))
+def test_bn_add_act_and_backward(shape, dtype, variant):
+    z, scale, shift, res, rs, rsh = _bn_inputs(shape, dtype, variant)
+    y = T().bn_add_act(z, scale, shift, res, rs, rsh, True)
+    assert_nhwc(y)
+    exp = ref.bn_add_act(d64(z), d64(scale), d64(shift), d64(res), d64(rs), d64(rsh), True)
+    eager = eager_bn(z, scale, shift)
+    if res is not None:
+        r = res if rs is None and rsh is None else ref.bn_add_act(res, rs if rs is not None else torch.ones_like(scale),
+                                                               rsh if rsh is not None else torch.zeros_like(scale),
+                                                               relu=False)
+        eager = eager + r
+    assert_rule(y, exp, dtype, torch.relu(eager), f"bn_add_act {shape} {variant}")
+
+    pre = ref.bn_add_act(d64(z), d64(scale), d64(shift), d64(res), d64(rs), d64(rsh), relu=False)
+    go = rand(*shape, dtype=dtype)
+    # Where the pre-activation is within rounding of 0 the ReLU mask may legitimately differ.
+    go = torch.where(pre.abs() < 1e-3, torch.zeros((), dtype=dtype, device=DEV), go).contiguous(memory_format=CL)
+    out = T().bn_add_act_backward(go, z, scale, shift, res, rs, rsh, True)
+    exp = ref.bn_add_act_backward(d64(go), d64(z), d64(scale), d64(shift), d64(res), d64(rs), d64(rsh), True)
+    own = ref.bn_add_act_backward(go, z, scale, shift, res, rs, rsh, True)
+    names = ["grad_z", "grad_scale", "grad_shift", "grad_residual", "grad_res_scale"]
+    for name, a, e, o in zip(names, out, exp, own, strict=True):
+        assert tuple(a.shape) == tuple(o.shape) and a.dtype == o.dtype, name
+        if a.dim() == 4:
+            assert_nhwc(a, name)
+        assert_rule(a, e, dtype if a.dtype == dtype else torch.float32, o, f"backward {shape} {variant} {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(4, 64, 56, 56), (4, 2048, 7, 7), (1, 5, 3, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_stats_backward(shape, dtype):
+    z = rand(*shape, dtype=dtype, offset=3.0)
+    count = shape[0] * shape[2] * shape[3]
+    stats = stats_of(d64(z)).float()
+    grad_z = rand(*shape, dtype=dtype)
+    grad_stats = torch.randn(2, shape[1], device=DEV)
+    g = T().stats_backward(grad_z, grad_stats, z, stats, count)
+    assert_nhwc(g)
+    exp = ref.stats_backward(d64(grad_z), d64(grad_stats), d64(z), d64(stats), count)
+    own = ref.stats_backward(grad_z, grad_stats, z, stats, count)
+    assert_rule(g, exp, dtype, own, f"stats_backward {shape}")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("k", [1, 64, 2048, 1000])
+def test_bn_finalize(affine, k):
+    count = 8 * 7 * 7
+    stats = torch.stack([torch.randn(k, dtype=torch.float64, device=DEV) * 5,
+                         torch.rand(k, dtype=torch.float64, device=DEV) * count * 3 + 1e-3]).float()
+    gamma, beta = (vec(k), vec(k)) if affine else (None, None)
+    out = T().bn_finalize(stats, count, gamma, beta, 1e-5)
+    exp = ref.bn_finalize(d64(stats), count, d64(gamma), d64(beta), 1e-5)
+    own = ref.bn_finalize(stats, count, gamma, beta, 1e-5)
+    for name, a, e, o in zip(["scale", "shift", "save_mean", "save_invstd"], out, exp, own, strict=True):
+        assert a.dtype == torch.float32 and a.shape == (k,)
+        assert_rule(a, e, torch.float32, o, f"bn_finalize {name}")
+    assert out[2].data_ptr() != stats.data_ptr()
+
+
+@pytest.mark.parametrize("running_dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("momentum,with_nbt", [(0.1, True), (None, True), (0.3, False)])
+def test_bn_update_running_stats(running_dtype, momentum, with_nbt):
+    k, count = 96, 8 * 14 * 14
+    stats = torch.stack([torch.randn(k, device=DEV), torch.rand(k, device=DEV) * count])
+    rm = torch.randn(k, device=DEV).to(running_dtype)
+    rv = (torch.rand(k, device=DEV) + 0.5).to(running_dtype)
+    nbt = torch.tensor(7, dtype=torch.int64, device=DEV) if with_nbt else None
+    rm_e, rv_e = rm.clone(), rv.clone()
+    nbt_e = None if nbt is None else nbt.clone()
+    ref.bn_update_running_stats(stats, count, rm_e, rv_e, nbt_e, momentum)
+    T().bn_update_running_stats(stats, count, rm, rv, nbt, momentum)
+    if with_nbt:
+        assert nbt.item() == 8
+    tol = {torch.float64: 1e-6, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[running_dtype]
+    torch.testing.assert_close(rm, rm_e, rtol=tol, atol=tol)
+    torch.testing.assert_close(rv, rv_e, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------
+# determinism, empty batch, CUDA graphs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deterministic(dtype):
+    case = RESNET50[1]
+    x, w = conv_inputs(case, dtype)
+    s1, h1 = vec(case.c, True), vec(case.c)
+    z1, st1 = T().conv_stats(x, w, s1, h1, True, *case.args)
+    z2, st2 = T().conv_stats(x, w, s1, h1, True, *case.args)
+    assert torch.equal(z1, z2) and torch.equal(st1, st2)
+    args = _bn_inputs((4, 256, 28, 28), dtype, "dual")
+    go = rand(4, 256, 28, 28, dtype=dtype)
+    b1 = T().bn_add_act_backward(go, *args, True)
+    b2 = T().bn_add_act_backward(go, *args, True)
+    assert all(torch.equal(p, q) for p, q in zip(b1, b2, strict=True))
+
+
+def test_empty_batch():
+    case = Conv(0, 64, 14, 14, 32)
+    x, w = conv_inputs(case, torch.float16)
+    y = T().conv_bn_act(x, w, vec(32), vec(32), None, *case.args, True)
+    assert y.shape == (0, 32, 14, 14)
+    z, stats = T().conv_stats(x, w, vec(64), vec(64), True, *case.args)
+    assert z.shape == (0, 32, 14, 14) and torch.isnan(stats[0]).all() and (stats[1] == 0).all()
+
+
+def _capture(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+@pytest.mark.parametrize("momentum", [None, 0.1])
+def test_cuda_graph_training_step(momentum):
+    """conv_stats + bn_update_running_stats captured once and replayed (no host sync inside)."""
+    case = Conv(8, 64, 28, 28, 64)
+    x, w = conv_inputs(case, torch.float16)
+    in_scale, in_shift = vec(case.c, True), vec(case.c)
+    count = case.n * case.out_hw()[0] * case.out_hw()[1]
+    rm, rv = torch.zeros(case.k, device=DEV), torch.ones(case.k, device=DEV)
+    nbt = torch.zeros((), dtype=torch.int64, device=DEV)
+
+    def step():
+        z, stats = T().conv_stats(x, w, in_scale, in_shift, True, *case.args)
+        T().bn_update_running_stats(stats, count, rm, rv, nbt, momentum)
+        return z, stats
+
+    graph, (z, stats) = _capture(step)
+    rm.zero_()
+    rv.fill_(1.0)
+    nbt.zero_()
+    rm_e, rv_e, nbt_e = rm.clone(), rv.clone(), nbt.clone()
+    for _ in range(3):
+        x.copy_(rand(*x.shape, dtype=torch.float16))
+        graph.replay()
+        torch.cuda.synchronize()
+        z_e, stats_e = T().conv_stats(x, w, in_scale, in_shift, True, *case.args)
+        torch.testing.assert_close(z, z_e)
+        torch.testing.assert_close(stats, stats_e)
+        ref.bn_update_running_stats(stats_e, count, rm_e, rv_e, nbt_e, momentum)
+    assert nbt.item() == 3
+    torch.testing.assert_close(rm, rm_e)
+    torch.testing.assert_close(rv, rv_e)
+
+
+# ---------------------------------------------------------------------------------------
+# autograd through the functional API, torch.compile
+
+
+def _block(backend, x, w1, w2, wr, g1, b1, g2, b2, gr, br):
+    """Training-mode BasicBlock with a projection shortcut, on the fused ops."""
+    from fused_resnet import functional as FF
+
+    z1, s1 = FF.conv_stats(x, w1, padding=1, backend=backend)
+    sc1, sh1, _, _ = FF.bn_finalize(s1, z1.numel() // z1.shape[1], g1, b1, backend=backend)
+    z2, s2 = FF.conv_stats(z1, w2, sc1, sh1, True, stride=2, padding=1, backend=backend)
+    cnt = z2.numel() // z2.shape[1]
+    sc2, sh2, _, _ = FF.bn_finalize(s2, cnt, g2, b2, backend=backend)
+    zr, sr = FF.conv_stats(x, wr, stride=2, backend=backend)
+    scr, shr, _, _ = FF.bn_finalize(sr, cnt, gr, br, backend=backend)
+    return FF.bn_add_act(z2, sc2, sh2, zr, scr, shr, relu=True, backend=backend)
+
+
+def _block_inputs(dtype, n=4, c=64, k=128, h=28):
+    x = rand(n, c, h, h, dtype=dtype)
+    ws = [rand(c, c, 3, 3, dtype=dtype, scale=0.06), rand(k, c, 3, 3, dtype=dtype, scale=0.06),
+          rand(k, c, 1, 1, dtype=dtype, scale=0.2)]
+    vs = [vec(c, True), vec(c), vec(k, True), vec(k), vec(k, True), vec(k)]
+    return [x, *ws, *vs]
+
+
+def _grads(backend, inputs, gy, cast=None):
+    leaves = [(t if cast is None else t.to(cast if t.dim() == 4 else torch.float64)).detach().requires_grad_(True)
+              for t in inputs]
+    y = _block(backend, *leaves)
+    y.backward(gy.to(y.dtype))
+    return y, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_training_block_gradients(dtype):
+    inputs = _block_inputs(dtype)
+    y0 = _block("torch", *inputs)
+    gy = rand(*y0.shape, dtype=dtype)
+    y, grads = _grads("triton", inputs, gy)
+    y64, grads64 = _grads("torch", inputs, gy, cast=torch.float64)
+    yo, grads_own = _grads("torch", inputs, gy)  # PyTorch's own composition in dtype
+    assert_rule(y, y64, dtype, yo, "block output")
+    names = ("x", "w1", "w2", "wr", "g1", "b1", "g2", "b2", "gr", "br")
+    for name, a, e, o in zip(names, grads, grads64, grads_own, strict=True):
+        assert_rule(a, e, dtype if a.dim() == 4 else torch.float32, o, f"grad {name}")
+
+
+def test_torch_compile_fullgraph_inductor():
+    """fullgraph=True over the functional API with backend='triton': forward and backward
+    trace without graph breaks and match eager."""
+    torch._dynamo.reset()
+    inputs = _block_inputs(torch.float16, n=2, h=14)
+    gy = rand(2, 128, 7, 7, dtype=torch.float16)
+    y, grads = _grads("triton", inputs, gy)
+    compiled = torch.compile(lambda *a: _block("triton", *a), fullgraph=True)
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    yc = compiled(*leaves)
+    yc.backward(gy)
+    torch.testing.assert_close(yc, y, rtol=2e-3, atol=2e-3)
+    for a, b in zip([t.grad for t in leaves], grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+_TUNE_SCRIPT = """
+import torch
+from fused_resnet.triton import load_ops
+T = load_ops()
+x = torch.randn(4, 64, 28, 28, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+w = torch.randn(64, 64, 3, 3, device="cuda", dtype=torch.float16) * 0.05
+T.conv_stats(x, w, None, None, False, [1, 1], [1, 1], [1, 1], 1)
+torch.cuda.synchronize()
+print("done")
+"""
+
+
+def test_autotuning_is_cached_on_disk(tmp_path):
+    import triton
+
+    if "cache_results" not in inspect.signature(triton.autotune).parameters:
+        pytest.skip("this triton has no autotune(cache_results=...)")
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_PRINT_AUTOTUNING="1",
+               FUSED_RESNET_QUIET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs = [subprocess.run([sys.executable, "-c", _TUNE_SCRIPT], env=env, capture_output=True, text=True,
+                           timeout=600, cwd=ROOT) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0 and "done" in r.stdout, r.stdout + r.stderr
+    assert "Triton autotuning for function conv_kernel" in runs[0].stdout, runs[0].stdout
+    assert "Triton autotuning for function conv_kernel" not in runs[1].stdout, runs[1].stdout
