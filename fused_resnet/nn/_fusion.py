@@ -199,14 +199,8 @@ class FoldCache:
     def clear(self) -> None:
         self._key = self._value = None
 
-    def __getstate__(self):  # caches are not state: a copy or a pickle starts empty
-        return None
-
-    def __setstate__(self, state) -> None:
-        self.clear()
-
-    def __deepcopy__(self, memo):
-        return FoldCache()
+    def __reduce__(self):  # caches are not state: a copy or a pickle starts empty
+        return (FoldCache, ())
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import warnings
 
 import pytest
@@ -306,6 +307,12 @@ def test_deepcopy_and_pickle_do_not_share_caches():
         clone.bn2.weight.mul_(2)
         assert not torch.allclose(clone(x), y)
         close(fused(x), y, torch.float64, "original after editing the copy")
+        buf = io.BytesIO()
+        torch.save(fused, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert loaded._fold_caches["conv1"]._value is None  # the cache is not pickled
+        close(loaded(x), y, torch.float64, "after a pickle round trip")
 
 
 # ----------------------------------------------------------------------------- adoption

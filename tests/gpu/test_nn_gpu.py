@@ -1,0 +1,204 @@
+"""Fused blocks and models on CUDA (backend ``cuda``) vs torchvision: the CPU suite's checks on a GPU.
+
+float64 is held tight; float32 with TF32 off; float16 by the design's rule (error against the
+float64 result at most 2x torchvision's own float16 error, plus a floor). Skips without CUDA or
+without the CUDA kernels in ``fused_resnet._C``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.models import resnet as tv
+from torchvision.ops import FrozenBatchNorm2d
+
+try:
+    from fused_resnet import _ext, models
+    from fused_resnet import nn as fnn
+except Exception:  # pragma: no cover - keeps the module collectable while the package changes
+    _ext = None
+
+
+def _has_cuda_kernels() -> bool:
+    try:
+        return _ext is not None and _ext.available() and _ext.has_kernel("conv_bn_act", "CUDA")
+    except Exception:
+        return False
+
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.skipif(not _has_cuda_kernels(), reason="fused_resnet._C has no CUDA kernels"),
+]
+
+DEV = "cuda"
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(".".join(str(func).split(".")[:2]))
+        return func(*args, **(kwargs or {}))
+
+
+def randomize_norms(module):
+    g = torch.Generator().manual_seed(7)
+    for m in module.modules():
+        if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def close(a, b, what, rtol):
+    a, b = a.detach().double(), b.detach().double()
+    assert a.shape == b.shape, what
+    err = (a - b).abs().max().item()
+    mag = max(b.abs().max().item(), 1.0)
+    assert err <= rtol * mag, f"{what}: error {err:.3e} (magnitude {mag:.3e})"
+
+
+def block_pair(kind, dtype, norm_layer=None):
+    if kind == "basic":
+        args, tv_cls, f_cls, c = (64, 128, 2), tv.BasicBlock, fnn.BasicBlock, 128
+    else:
+        args, tv_cls, f_cls, c = (256, 128, 2), tv.Bottleneck, fnn.Bottleneck, 512
+    norm = norm_layer or nn.BatchNorm2d
+
+    def ds():
+        return nn.Sequential(nn.Conv2d(args[0], c, 1, 2, bias=False), norm(c))
+
+    ref = tv_cls(*args, ds(), norm_layer=norm_layer)
+    randomize_norms(ref)
+    ref = ref.to(DEV, dtype)
+    fused = f_cls(*args, ds(), norm_layer=norm_layer, backend="cuda").to(DEV, dtype)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(4, args[0], 28, 28, device=DEV, dtype=dtype).contiguous(memory_format=CL)
+    return ref, fused, x
+
+
+def compare(ref, fused, x, rtol, steps=1):
+    for _ in range(steps):
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr, yf = ref(xr), fused(xf)
+        close(yf, yr, "output", rtol)
+        g = torch.randn_like(yr)
+        yr.backward(g)
+        yf.backward(g)
+        close(xf.grad, xr.grad, "grad x", rtol)
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters(), strict=True):
+        if p.grad is not None:
+            close(q.grad, p.grad, f"grad {name}", rtol)
+    for (name, b), c in zip(ref.named_buffers(), fused.buffers(), strict=True):
+        close(c, b, f"buffer {name}", rtol)
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_block_matches_torchvision(kind, dtype, rtol, mode):
+    ref, fused, x = block_pair(kind, dtype)
+    ref.train(mode == "train")
+    fused.train(mode == "train")
+    compare(ref, fused, x, rtol, steps=2)
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_frozen_bn_block(kind):
+    ref, fused, x = block_pair(kind, torch.float64, norm_layer=FrozenBatchNorm2d)
+    compare(ref, fused, x, 1e-9)
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_float16_eval_block(kind):
+    ref, fused, x = block_pair(kind, torch.float32)
+    ref.eval()
+    fused.eval()
+    truth = copy.deepcopy(ref).double()
+    with torch.no_grad():
+        expected = truth(x.double())
+        own = (copy.deepcopy(ref).half()(x.half()).double() - expected).abs().max().item()
+        got = (fused.half()(x.half()).double() - expected).abs().max().item()
+    assert got <= 2 * own + 1e-3 * max(expected.abs().max().item(), 1.0), (got, own)
+
+
+@pytest.mark.parametrize("kind,count", [("basic", 3), ("bottleneck", 4)])
+def test_eval_block_is_one_op_per_unit(kind, count):
+    _, fused, x = block_pair(kind, torch.float32)
+    fused.eval()
+    with torch.no_grad():
+        fused(x)
+        with OpRecorder() as rec:
+            fused(x)
+    assert rec.ops == ["fused_resnet.conv_bn_act"] * count
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_resnet50_matches_torchvision(mode):
+    ref = torchvision.models.resnet50()
+    randomize_norms(ref)
+    ref = ref.to(DEV)
+    fused = models.resnet50(backend="cuda").to(DEV)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    ref.train(mode == "train")
+    fused.train(mode == "train")
+    x = torch.randn(4, 3, 224, 224, device=DEV)
+    compare(ref, fused, x, 1e-3)
+
+
+def test_resnet50_eval_ops():
+    fused = models.resnet50(backend="cuda").to(DEV).eval()
+    x = torch.randn(2, 3, 224, 224, device=DEV)
+    with torch.no_grad():
+        fused(x)
+        with OpRecorder() as rec:
+            fused(x)
+    assert rec.ops.count("fused_resnet.conv_bn_act") == 53
+    assert not {"aten.native_batch_norm", "aten.cudnn_batch_norm", "aten.relu", "aten.add",
+                "aten.convolution"} & set(rec.ops)
+
+
+def test_cifar_resnet20_convergence():
+    from fused_resnet.models import cifar_resnet20
+
+    torch.manual_seed(0)
+    fused = cifar_resnet20(backend="cuda").to(DEV)
+    eager = copy.deepcopy(fused)
+    eager.backend = "torch"  # the reference ops: plain PyTorch on the GPU
+    x = torch.randn(32, 3, 32, 32, device=DEV)
+    y = torch.randint(0, 10, (32,), device=DEV)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in (fused, eager)]
+    first = None
+    for step in range(30):
+        pair = []
+        for m, opt in zip((fused, eager), opts, strict=True):
+            opt.zero_grad()
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            opt.step()
+            pair.append(loss.item())
+        first = first or pair[1]
+        assert abs(pair[0] - pair[1]) <= 1e-3 * max(1.0, pair[1]), (step, pair)
+    assert pair[1] < 0.5 * first
