@@ -1,4 +1,4 @@
-"""`fused-resnet info`: versions, what _C contains, which backends run here."""
+"""The command line: `fused-resnet info`, `bench` (tiny run: every level, mode and output) and `check`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fused_resnet import _ext, cli
@@ -36,3 +37,96 @@ def test_console_script_is_installed():
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "backends:" in out.stdout
+
+
+# ----------------------------------------------------------------------------- bench and check
+
+TINY = ["bench", "--model", "resnet18", "--batch", "1", "--train-batch", "2", "--layer-batch", "1", "--size", "32",
+        "--repeats", "1", "--warmup", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """One tiny `fused-resnet bench` run (every level and mode) shared by the tests below."""
+    out = tmp_path_factory.mktemp("bench")
+    paths = {k: out / f"r.{k}" for k in ("json", "csv", "png")}
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(TINY + ["--json", str(paths["json"]), "--csv", str(paths["csv"]), "--plot", str(paths["png"]),
+                              "--results", str(out / "results")])
+    return rc, buf.getvalue(), paths, out
+
+
+def test_bench_runs_and_prints_a_table(tiny_bench):
+    rc, text, _, _ = tiny_bench
+    assert rc == 0
+    assert "== model / inference" in text and "== layer / training" in text and "== block / inference" in text
+    assert "fused:" in text and "eager_cl" in text
+    if not torch.cuda.is_available():
+        assert "GPU figures need a GPU" in text
+
+
+def test_bench_json_has_every_field(tiny_bench):
+    _, _, paths, _ = tiny_bench
+    r = json.loads(paths["json"].read_text())
+    env = r["env"]
+    assert env["versions"]["torch"] == torch.__version__ and env["cpu"]["model"] and env["cpu"]["usable_cores"] >= 1
+    assert env["command"].startswith("fused-resnet bench") and env["timestamp_utc"].endswith("Z")
+    assert r["config"]["model"] == "resnet18" and r["config"]["batch"] == 1
+    assert r["peaks"]["tflops"] > 0 and r["peaks"]["gbps"] > 0
+    rows = r["rows"]
+    assert {(x["level"], x["mode"]) for x in rows} == {(lv, m) for lv in ("layer", "block", "model")
+                                                      for m in ("inference", "training")}
+    assert not [x for x in rows if x["status"] == "failed"], [x for x in rows if x["status"] == "failed"][:2]
+    ok = [x for x in rows if x["status"] == "ok"]
+    assert {x["variant"] for x in ok} >= {"eager", "eager_cl"}
+    for x in ok:
+        assert 0 < x["p20_ms"] <= x["median_ms"] <= x["p80_ms"], x
+        assert x["images_per_s"] > 0 and x["tflops"] > 0 and x["pct_peak_tflops"] > 0
+        assert x["max_rel_err"] < 1e-4, x  # float32 against float64
+        assert x["err_vs"] and x["impl"]
+        if x["variant"] == "eager":
+            assert x["speedup_vs_eager"] == pytest.approx(1.0)
+    assert all(x["reason"] for x in rows if x["status"] == "skipped")
+    assert r["skipped"] and all(s["why"] for s in r["skipped"])
+    if _ext.available():
+        fused_layers = [x for x in ok if x["variant"] == "fused:cpu" and x["level"] == "layer"
+                        and x["mode"] == "inference"]
+        assert fused_layers and all(x["launches"] == 1 for x in fused_layers)
+        assert {x["level"] for x in ok if x["variant"] == "fused:cpu"} == {"layer", "block", "model"}
+
+
+def test_bench_csv_png_and_results_folder(tiny_bench):
+    _, _, paths, out = tiny_bench
+    r = json.loads(paths["json"].read_text())
+    lines = paths["csv"].read_text().splitlines()
+    assert lines[0].startswith("level,mode,name,label,variant,status,median_ms") and len(lines) == 1 + len(r["rows"])
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = sorted(p.suffix for p in (out / "results").iterdir())
+    assert saved == [".json", ".md", ".png"]
+
+
+def test_bench_bad_arguments(capsys):
+    assert cli.main(["bench", "--baselines", "eager,cudnn", "--no-progress"]) == 2
+    assert "baselines: expected a subset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--dtype", "float8"])
+
+
+@pytest.mark.skipif(not _ext.available(), reason="fused_resnet._C not loaded")
+def test_check_passes_on_cpu_backends(capsys):
+    assert cli.main(["check", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "ALL PASS" in out and "FAIL" not in out.replace("FAILURES", "")
+    assert "cpu    cpu     bfloat16" in out
+
+
+def test_bench_help_from_console_script():
+    exe = shutil.which("fused-resnet")
+    cmd = [exe, "bench", "--help"] if exe else [sys.executable, "-m", "fused_resnet.cli", "bench", "--help"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "--baselines" in out.stdout and "--json" in out.stdout

@@ -53,6 +53,8 @@ def bench_blocks(cfg: BenchConfig, model: nn.Module, peaks: dict | None, progres
     elem = torch.empty((), dtype=dt).element_size()
     for mode in cfg.modes:
         batch = cfg.layer_batch or (cfg.batch if mode == "inference" else cfg.train_batch)
+        if mode == "training":
+            batch = max(batch, 2)  # batch statistics need more than one value per channel (1x1 late stages)
         in_shapes = module_inputs(model, batch, cfg.size, (type(mods[pick_blocks(model)[0]]),))
         all_convs = conv_shapes(model, batch, cfg.size, distinct=False)
         for name in pick_blocks(model):

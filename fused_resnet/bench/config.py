@@ -44,10 +44,12 @@ class BenchConfig:
     peaks: bool = True
     progress: bool = True
     seed: int = 0
+    threads: int | None = None  # CPU threads; None = torch's default, or 1 when the machine is busy (see resolve)
     compile_levels: tuple[str, ...] = LEVELS  # levels at which the compile baseline runs
     time_budget_s: float | None = None  # no new measurement after this many seconds (rest: skipped)
     skipped: list[dict] = field(default_factory=list)  # what was left out and why, filled by resolve
     baselines_explicit: bool = False  # the user named the baselines (set by resolve)
+    threads_reason: str = ""  # why cfg.threads has its value (set by resolve)
 
     @property
     def torch_device(self) -> torch.device:
@@ -93,6 +95,7 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
     if cfg.repeats < 1:
         raise ValueError(f"repeats: expected >= 1, got {cfg.repeats}")
     cfg.n_buffers = cfg.n_buffers or (3 if gpu else 2)
+    _set_threads(cfg)
     for m in cfg.modes:
         if m not in MODES:
             raise ValueError(f"modes: expected a subset of {', '.join(MODES)}, got {m!r}")
@@ -136,6 +139,33 @@ def compile_at(cfg: BenchConfig, level: str) -> bool:
     every level on CUDA; on a CPU at every level too, since there it only runs when the user
     named it."""
     return "compile" in cfg.baselines and level in cfg.compile_levels
+
+
+def _set_threads(cfg: BenchConfig) -> None:
+    """Apply ``cfg.threads``. Left at None on a CPU run, it becomes 1 when the machine is already
+    busy (1-minute load average >= usable cores): there every OpenMP barrier of a multi-threaded
+    op waits for a descheduled thread, which made small ops ~50x slower than single-threaded in
+    our measurements, so timings would measure the scheduler, not the kernels. Recorded in
+    ``cfg.skipped``-style notes by the caller via ``cfg.threads_reason``."""
+    import os
+
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise ValueError(f"threads: expected a positive integer, got {cfg.threads}")
+        torch.set_num_threads(cfg.threads)
+        cfg.threads_reason = "set by --threads"
+        return
+    cfg.threads = torch.get_num_threads()
+    cfg.threads_reason = "torch default"
+    if cfg.device != "cpu" or not hasattr(os, "getloadavg"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0]
+    if load >= cores and cfg.threads > 1:
+        cfg.threads = 1
+        torch.set_num_threads(1)
+        cfg.threads_reason = (f"machine busy (load average {load:.1f} on {cores} cores): 1 thread, so OpenMP "
+                              "barriers do not wait on descheduled threads; override with --threads")
 
 
 _deadline: dict[int, float] = {}

@@ -218,6 +218,8 @@ def bench_layers(cfg: BenchConfig, shapes: list[ConvShape], peaks: dict | None, 
             break
         for mode in cfg.modes:
             batch = cfg.layer_batch or (cfg.batch if mode == "inference" else cfg.train_batch)
+            if mode == "training":
+                batch = max(batch, 2)  # batch statistics need more than one value per channel
             gen = torch.Generator().manual_seed(cfg.seed)
             s = ConvShape(**{**shape.__dict__, "n": batch})
             d = LayerData(s, batch, cfg, gen)

@@ -32,6 +32,8 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None, log=None) -> dict
     if cfg.device == "cpu":
         notes.append("CPU run: GPU figures (cuDNN, cuDNN fused conv-add-relu, max-autotune, CUDA graphs, "
                      "kernel launch counts) need a GPU")
+    if cfg.device == "cpu":
+        notes.append(f"CPU threads: {cfg.threads} ({cfg.threads_reason})")
     if cfg.device == "cuda":
         torch.backends.cudnn.benchmark = True
     from .models import build_torchvision

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One-call GPU run: build, check, GPU tests, benchmark -- all logs and results under one folder.
+#
+#   benchmarks/gpu_run.sh [OUT_DIR]        (default: $OUT, else ./gpu_run_out)
+#
+# Steps and their time boxes (the whole must fit a 10-minute command on an H100; each step is
+# cut by `timeout` so a slow one cannot starve the ones after it, and a cut is logged):
+#   1. build      pip install --no-build-isolation --no-deps .  (sm_90 only unless
+#                 FUSED_RESNET_CUDA_ARCHS is set; MAX_JOBS = cores)              <= 300 s
+#   2. info/check fused-resnet info; fused-resnet check                         <=  60 s
+#   3. tests      pytest tests/gpu                                              <=  90 s
+#   4. bench      fused-resnet bench (resnet50, bf16, batch 64; torch.compile at
+#                 model level only; --time-budget = what is left minus 30 s)     rest
+#   5. summary    the short table, printed last
+#
+# Writes (at most 8 files, for the device tool): build.log, check.log, tests.log, bench.log,
+# results/<time>_<gpu>_resnet50_bfloat16.{json,md,png} (JSON + markdown + plot with GPU name,
+# driver, versions, command and time). Copy results/ into benchmarks/results/ to commit them.
+#
+# Runs from outside the source tree after the install, so `import fused_resnet` is the built one.
+set -u
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT_DIR="$(mkdir -p "${1:-${OUT:-./gpu_run_out}}" && cd "${1:-${OUT:-./gpu_run_out}}" && pwd)"
+PY="${PYTHON:-python}"
+TOTAL="${GPU_RUN_BUDGET_S:-570}"   # seconds for the whole script
+T0=$(date +%s)
+left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
+step() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
+mkdir -p "$OUT_DIR/results"
+
+step "build (log: build.log)"
+(
+  cd "$REPO" && export FUSED_RESNET_CUDA_ARCHS="${FUSED_RESNET_CUDA_ARCHS:-90}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    FUSED_RESNET_FORCE_CUDA_BUILD=1 && timeout 300 "$PY" -m pip install --no-build-isolation --no-deps . 
+) > "$OUT_DIR/build.log" 2>&1
+BUILD_RC=$?
+tail -3 "$OUT_DIR/build.log"
+[ $BUILD_RC -eq 0 ] || echo "build FAILED (rc $BUILD_RC; 124 = timed out) -- see build.log"
+
+cd "$OUT_DIR" || exit 1
+step "info + check (log: check.log)"
+{ timeout 30 fused-resnet info; timeout 60 fused-resnet check; } > check.log 2>&1
+CHECK_RC=$?
+tail -4 check.log
+
+step "tests/gpu (log: tests.log)"
+timeout 90 "$PY" -m pytest "$REPO/tests/gpu" -q -x -p no:cacheprovider --rootdir "$REPO" > tests.log 2>&1
+TESTS_RC=$?
+tail -3 tests.log
+
+BUDGET=$(( $(left) - 30 ))
+step "bench, budget ${BUDGET}s (log: bench.log)"
+if [ "$BUDGET" -gt 60 ]; then
+  timeout $(( BUDGET + 20 )) fused-resnet bench --no-progress --compile-levels model --time-budget "$BUDGET" \
+    --results results ${BENCH_ARGS:-} > bench.log 2>&1
+  BENCH_RC=$?
+else
+  echo "no time left for the benchmark" | tee bench.log
+  BENCH_RC=1
+fi
+
+step "summary"
+echo "build rc=$BUILD_RC  check rc=$CHECK_RC  tests rc=$TESTS_RC  bench rc=$BENCH_RC"
+"$PY" - <<'PYEOF'
+import glob, json
+from fused_resnet.bench import report
+files = sorted(glob.glob("results/*.json"))
+if not files:
+    print("no benchmark result written (see bench.log)")
+for f in files:
+    r = json.load(open(f))
+    g = r["env"].get("gpu") or {}
+    print(f"{f}: {g.get('name', 'CPU')} driver {g.get('driver')} torch {r['env']['versions']['torch']}")
+    print(report.format_summary(r))
+PYEOF
