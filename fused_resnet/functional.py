@@ -143,6 +143,25 @@ def _check_stats(stats, name: str = "stats") -> None:
         raise TypeError(f"{name}: expected float32 or float64, got {stats.dtype}")
 
 
+def _autocast(*tensors):
+    """Autocast's cast of the activation arguments, applied before validation.
+
+    Under ``torch.autocast`` the ops take ``x``/``weight``/``residual``/``z`` in the autocast
+    dtype, as ``F.conv2d`` does (floating tensors other than float64; per-channel vectors stay
+    float32). Casting here, not only in the ops' autocast kernels, lets a float32 weight meet a
+    bfloat16 activation from the previous layer, and gives the ``torch`` backend the same rule.
+    """
+    out = []
+    for t in tensors:
+        if (isinstance(t, Tensor) and t.device.type in ("cpu", "cuda") and t.is_floating_point()
+                and t.dtype != torch.float64 and torch.is_autocast_enabled(t.device.type)):
+            dtype = torch.get_autocast_dtype(t.device.type)
+            if t.dtype != dtype:
+                t = t.to(dtype)
+        out.append(t)
+    return out
+
+
 def _decide(op: str, like: Tensor, backend: str | None) -> str:
     decision = backends.choose(op, like.device, like.dtype, backend)
     backends.record(decision)
@@ -194,6 +213,7 @@ def conv_bn_act(
     Returns:
         (N, K, P, Q) tensor in x's dtype, channels_last.
     """
+    x, weight, residual = _autocast(x, weight, residual)
     stride, padding, dilation, out_shape = _check_conv(x, weight, stride, padding, dilation, groups)
     k = weight.shape[0]
     _check_vector(scale, "scale", k, x)
@@ -231,6 +251,7 @@ def conv_stats(
         ``(z, stats)``: z (N, K, P, Q) in x's dtype, channels_last; stats (2, K) per-channel
         (mean, M2) of z over its ``count = N * P * Q`` values, float32 (float64 for float64 x).
     """
+    x, weight = _autocast(x, weight)
     stride, padding, dilation, _ = _check_conv(x, weight, stride, padding, dilation, groups)
     c = x.shape[1]
     _check_vector(in_scale, "in_scale", c, x, optional=True)
@@ -337,6 +358,7 @@ def bn_add_act(
     Returns:
         Tensor of z's shape and dtype, channels_last.
     """
+    z, residual = _autocast(z, residual)
     _check_activation(z, "z")
     k = z.shape[1]
     _check_vector(scale, "scale", k, z)
