@@ -23,6 +23,14 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None, log=None) -> dict
     ``log`` (default: stderr) receives one line per phase; progress bars go to stderr.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    threads = torch.get_num_threads()
+    try:
+        return _run(cfg, argv, log)
+    finally:
+        torch.set_num_threads(threads)  # --threads applies to this run only
+
+
+def _run(cfg: BenchConfig, argv, log) -> dict:
     cfg = resolve(cfg)
     t0 = time.perf_counter()
     start_clock(cfg)
