@@ -74,7 +74,11 @@ Decisions
   still freezes that BN's statistics (the :class:`~fused_resnet.nn.ConvBNAct` is deliberately not a
   registered submodule -- that would add keys -- so :class:`FusedConv2d` copies its own
   ``training`` flag to it at each call and leaves the BN's flag to the user). Class swapping is how
-  ``torch.nn.utils.parametrize`` changes a module's behaviour in place, too.
+  ``torch.nn.utils.parametrize`` changes a module's behaviour in place, too. Only the exact classes
+  ``nn.Conv2d`` and ``nn.BatchNorm2d`` / ``FrozenBatchNorm2d`` are swapped: a subclass (e.g. a conv
+  with a parametrized weight, whose class is a generated subclass) is skipped with that reason, as
+  swapping its class would lose its behaviour. (Blocks are adopted, not swapped, so their
+  convs/BNs may be subclasses that keep the base forward.)
 * **Train and eval.** Fused modules run the batch-statistics path in ``train()`` (updating the
   adopted BN's running statistics exactly like ``nn.BatchNorm2d``) and the folded single-launch path
   in ``eval()``; gradients reach every adopted parameter.
@@ -490,7 +494,7 @@ class _Fuser:
 
     def try_cba(self, slots, names, relu: bool, report_mismatch: bool) -> bool:
         """Fuse conv, bn[, act] given as (parent, attribute) slots. Returns True if fused."""
-        mods = [getattr(p, a) if not isinstance(p, nn.Sequential) else p._modules[a] for p, a in slots]
+        mods = [p._modules.get(a) for p, a in slots]
         conv, bn = mods[0], mods[1]
         act = mods[2] if relu else None
         label = "+".join(names)
@@ -500,6 +504,14 @@ class _Fuser:
             return False
         problems = [p for p in (_conv_problem(names[0], conv), _norm_problem(names[1], bn),
                                 _act_problem(names[2], act) if relu else None) if p]
+        if not problems:  # the conv and BN change class in place: only the exact classes (see module docs)
+            frozen = _frozen_bn_class()
+            if type(conv) is not nn.Conv2d:
+                problems.append(f"{names[0]} is {type(conv).__name__}, a subclass of nn.Conv2d (e.g. parametrized); "
+                                "only an exact nn.Conv2d is fused in place")
+            if type(bn) is not nn.BatchNorm2d and (frozen is None or type(bn) is not frozen):
+                problems.append(f"{names[1]} is {type(bn).__name__}, a subclass; only an exact nn.BatchNorm2d or "
+                                "FrozenBatchNorm2d is fused in place")
         problems += [f"{n} is also registered elsewhere in the model"
                      for n, m in zip(names, mods, strict=True) if self.uses.get(id(m), 1) > 1]
         if problems:
