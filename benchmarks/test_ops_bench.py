@@ -1,5 +1,5 @@
 """pytest-benchmark suite for the fused ops, one ResNet-50 layer shape each (batch 2 on CPU,
-32 on CUDA): ``conv_bn_act`` per backend against eager conv + BN + add + ReLU, and the training
+32 on CUDA): ``conv_bn_act`` per backend against eager conv + BN (its folded affine) + add + ReLU, and the training
 chain ``conv_stats`` -> ``bn_finalize`` -> ``bn_add_act`` forward + backward.
 
 Run: ``pytest benchmarks/test_ops_bench.py --benchmark-only`` (add ``--benchmark-json out.json``).
@@ -55,7 +55,7 @@ def test_conv_bn_act(benchmark, device, variant, shape):
         return functional.conv_bn_act(x, w, scale, shift, res, backend=backend, **conv)
 
     def eager(x):
-        y = TF.conv2d(x, w, **conv) * scale.to(w.dtype).view(-1, 1, 1, 1) + shift.to(w.dtype).view(-1, 1, 1, 1)
+        y = TF.conv2d(x, w, **conv) * scale.to(w.dtype).view(1, -1, 1, 1) + shift.to(w.dtype).view(1, -1, 1, 1)
         return torch.relu(y + res if res is not None else y)
 
     fn = fused if variant == "fused" else eager

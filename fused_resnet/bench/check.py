@@ -200,8 +200,16 @@ def format_check(result: dict) -> str:
             continue
         lines.append(f"{dev:<6} {b:<7} {dt:<9} {op:<22} {r['err']:>9.2e} {r['torch_err']:>9.2e} {r['tol']:>9.2e}  "
                      + ("pass" if r["passed"] else "FAIL"))
+    seen = set()
     for s in result["skipped"]:
-        lines.append(f"{s['device']:<6} {s['backend']:<7} {s['dtype']:<9} {'(all ops)':<22} skipped: {s['why']}")
+        same = [t for t in result["skipped"] if (t["device"], t["backend"], t["why"]) == (s["device"], s["backend"],
+                                                                                          s["why"])]
+        key = (s["device"], s["backend"], s["why"])
+        if key in seen:
+            continue
+        seen.add(key)
+        dts = ",".join(t["dtype"] for t in same) if len(same) < len(DTYPES) else "all"
+        lines.append(f"{s['device']:<6} {s['backend']:<7} {dts:<9} {'(all ops)':<22} skipped: {s['why']}")
     n_fail = sum(not r["passed"] for r in result["rows"])
     lines.append("")
     lines.append(f"{len(result['rows'])} checks, {n_fail} failed: " + ("ALL PASS" if result["passed"] else "FAILURES"))

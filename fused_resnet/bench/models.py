@@ -164,8 +164,10 @@ def _run_variant(cfg, mode, name, label, variant, mod, cl, b, graphs, base, xs, 
         try:
             out = fn(0)
             err = rel_err(out, ref_logits)
+            errs = {"err_logits": err}
             if train:
-                err = max(err, rel_err(w0.grad, ref_gw))
+                errs["err_first_conv_grad"] = rel_err(w0.grad, ref_gw)
+                err = max(err, errs["err_first_conv_grad"])
             launches = None
             timed = fn
             if dev.type == "cuda" and not train and graphs == "graph" and cfg.cuda_graphs:
@@ -195,4 +197,4 @@ def _run_variant(cfg, mode, name, label, variant, mod, cl, b, graphs, base, xs, 
     if notes:
         common["impl"] = common["impl"] + " [" + "; ".join(notes) + "]"
     return make_row("model", mode, name, label, variant, timing=t, launches=launches, err=err,
-                    err_vs=f"torchvision {name} in float64", peak_mem_mib=peak, **common)
+                    err_vs=f"torchvision {name} in float64", peak_mem_mib=peak, extra=errs, **common)
