@@ -9,14 +9,17 @@
 #                 FUSED_RESNET_CUDA_ARCHS is set; MAX_JOBS = cores)              <= 300 s
 #   2. info/check fused-resnet info; fused-resnet check                         <=  60 s
 #   3. tests      pytest tests/gpu                                              <=  90 s
-#   4. bench      fused-resnet bench (resnet50, bf16, batch 64; torch.compile at
-#                 model level only; --time-budget = what is left minus 30 s)     rest
+#   4. bench      a) fused-resnet bench (resnet50, bf16, batch 64; every level and mode;
+#                    torch.compile at model level only; --time-budget)            rest - 180 s
+#                 b) max-autotune + freezing, model inference, own process        rest - 20 s
 #   5. summary    the short table, printed last
 #
-# Writes (at most 8 files, for the device tool): build.log, check.log, tests.log, bench.log,
+# Writes (8 files, the device tool's limit): build.log, check.log, tests.log, bench.log,
 # results/<time>_<gpu>_resnet50_bfloat16.{json,md,png} (JSON + markdown + plot with GPU name,
-# driver, versions, command and time). Copy results/ into benchmarks/results/ to commit them.
+# driver, versions, command and time) and results/compile_max.json. Copy results/ into
+# benchmarks/results/ to commit them. BENCH_ARGS adds options to both bench runs.
 #
+# SKIP_BUILD=1 reuses an installed build (a second call on a warm machine).
 # Runs from outside the source tree after the install, so `import fused_resnet` is the built one.
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,17 +32,21 @@ step() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
 mkdir -p "$OUT_DIR/results"
 
 step "build (log: build.log)"
+if [ -n "${SKIP_BUILD:-}" ]; then
+  echo "SKIP_BUILD set: using the installed fused_resnet" > "$OUT_DIR/build.log"; BUILD_RC=0
+else
 (
   cd "$REPO" && export FUSED_RESNET_CUDA_ARCHS="${FUSED_RESNET_CUDA_ARCHS:-90}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
     FUSED_RESNET_FORCE_CUDA_BUILD=1 && timeout 300 "$PY" -m pip install --no-build-isolation --no-deps . 
 ) > "$OUT_DIR/build.log" 2>&1
 BUILD_RC=$?
+fi
 tail -3 "$OUT_DIR/build.log"
 [ $BUILD_RC -eq 0 ] || echo "build FAILED (rc $BUILD_RC; 124 = timed out) -- see build.log"
 
 cd "$OUT_DIR" || exit 1
 step "info + check (log: check.log)"
-{ timeout 30 fused-resnet info; timeout 60 fused-resnet check; } > check.log 2>&1
+{ timeout 30 "$PY" -m fused_resnet.cli info; timeout 60 "$PY" -m fused_resnet.cli check; } > check.log 2>&1
 CHECK_RC=$?
 tail -4 check.log
 
@@ -48,19 +55,33 @@ timeout 90 "$PY" -m pytest "$REPO/tests/gpu" -q -x -p no:cacheprovider --rootdir
 TESTS_RC=$?
 tail -3 tests.log
 
-BUDGET=$(( $(left) - 30 ))
+# 4a. everything but max-autotune, leaving ~150 s for 4b; --time-budget stops new measurements
+#     in time, and the outer timeout only guards against one measurement running away
+BUDGET=$(( $(left) - 180 ))
 step "bench, budget ${BUDGET}s (log: bench.log)"
 if [ "$BUDGET" -gt 60 ]; then
-  timeout $(( BUDGET + 20 )) fused-resnet bench --no-progress --compile-levels model --time-budget "$BUDGET" \
-    --results results ${BENCH_ARGS:-} > bench.log 2>&1
+  timeout $(( BUDGET + 60 )) "$PY" -m fused_resnet.cli bench --no-progress --compile-levels model --time-budget "$BUDGET" \
+    --baselines eager,eager_cl,cudnn_fused,compile --results results ${BENCH_ARGS:-} > bench.log 2>&1
   BENCH_RC=$?
 else
   echo "no time left for the benchmark" | tee bench.log
   BENCH_RC=1
 fi
+# 4b. torch.compile(mode="max-autotune") + freezing, whole-model inference only, in its own process
+#     so that a tuning run cut by the timeout loses only this row
+MAXT=$(( $(left) - 20 ))
+step "bench max-autotune, ${MAXT}s (log: bench.log, results/compile_max.json)"
+if [ "$MAXT" -gt 60 ]; then
+  timeout "$MAXT" "$PY" -m fused_resnet.cli bench --no-progress --levels model --mode inference --backends cuda \
+    --baselines eager_cl,compile_max --json results/compile_max.json ${BENCH_ARGS:-} >> bench.log 2>&1
+  MAX_RC=$?
+else
+  echo "no time left for max-autotune" >> bench.log
+  MAX_RC=1
+fi
 
 step "summary"
-echo "build rc=$BUILD_RC  check rc=$CHECK_RC  tests rc=$TESTS_RC  bench rc=$BENCH_RC"
+echo "build rc=$BUILD_RC  check rc=$CHECK_RC  tests rc=$TESTS_RC  bench rc=$BENCH_RC  max-autotune rc=$MAX_RC (124 = timed out)"
 "$PY" - <<'PYEOF'
 import glob, json
 from fused_resnet.bench import report
