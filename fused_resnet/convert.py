@@ -101,7 +101,6 @@ import contextlib
 import copy
 import importlib
 import sys
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -748,11 +747,3 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
         return model.__dict__[_ORIGINAL]
     _restore_children(model)
     return model
-
-
-def fused_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, module)`` of every module :func:`fuse` created or changed in ``model``."""
-    for name, m in model.named_modules():
-        if _ORIGINAL in m.__dict__ or isinstance(m, (FoldedBatchNorm2d, FoldedReLU)) or \
-                type(m).__name__ == "FoldedFrozenBatchNorm2d":
-            yield name, m
