@@ -37,7 +37,7 @@ ODD = [
     ConvCase(1, 33, 4, 4, 17, 3, 1, padding=1),  # 3x1 kernel, C and K beyond one tile
 ]
 CASES = SMALL_RESNET + ODD
-FP16_CASES = [SMALL_RESNET[0], SMALL_RESNET[2], SMALL_RESNET[5], ODD[2], ODD[5]]
+FP16_CASES = [SMALL_RESNET[0], SMALL_RESNET[2], SMALL_RESNET[5], ODD[5]]
 
 
 def _args(case):
@@ -100,7 +100,7 @@ def test_conv_stats_float32_with_prologue(case):
     _check_conv_stats(case, torch.float32, prologue=True)
 
 
-@pytest.mark.parametrize("case", [SMALL_RESNET[1], ODD[3]], ids=str)
+@pytest.mark.parametrize("case", [SMALL_RESNET[1], ODD[1]], ids=str)
 def test_conv_stats_float32_without_prologue(case):
     _check_conv_stats(case, torch.float32, prologue=False)
 
