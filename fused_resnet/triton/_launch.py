@@ -24,4 +24,10 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     """
     if interpret_mode() and any(_is_fake(a) for a in args):
         return
+    first = args[0]
+    if first.device.type == "cuda" and first.device.index not in (None, torch.cuda.current_device()):
+        # Triton launches on the current device: make it the tensors' device (cuda:1, ...).
+        with torch.cuda.device(first.device):
+            wrap_triton(kernel)[grid](*args, **kwargs)
+        return
     wrap_triton(kernel)[grid](*args, **kwargs)
