@@ -18,6 +18,20 @@ when ``TRITON_INTERPRET=1`` was set before triton was imported (Triton's interpr
 and float16 only -- the interpreter's ``tl.dot`` cannot take bfloat16). float64 is not supported
 (the C++ backends and the reference handle it).
 
+Decisions:
+
+* Autotuning (conv kernel only) is keyed on the GEMM shape, convolution geometry, epilogue and
+  dtypes; with triton >= 3.2 results persist through ``triton.autotune(cache_results=True)`` in
+  triton's cache directory (``TRITON_CACHE_DIR``, default ``~/.triton/cache``), keyed by triton
+  version, GPU target, kernel source and shape, so a second process does not re-tune
+  (``TRITON_PRINT_AUTOTUNING=1`` shows when tuning runs). Tuning re-runs a kernel several
+  times, so no tuned kernel accumulates anything: statistics are per-16-row partials written to
+  fixed slots (identical for every config) and reduced by a separate kernel; running
+  statistics are updated by their own op.
+* Weights are re-packed to ``(groups, R, S, C/groups, K/groups)`` on every call (one small copy;
+  not cached yet).
+* ``auto`` backend order on CUDA is ``cuda``, ``triton``, ``torch`` until GPU measurements exist.
+
 Nothing here is imported by ``import fused_resnet``: :func:`unsupported_reason` imports triton
 lazily, so a machine without triton pays nothing.
 """
