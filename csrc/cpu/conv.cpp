@@ -1,8 +1,9 @@
 // CPU kernels of the convolution ops: conv_bn_act and conv_stats.
 // Meaning of each op: fused_resnet/reference.py; schemas: csrc/ops.cpp.
 //
-// The convolution itself is ATen's (oneDNN on CPU); what is fused here is everything around
-// it: the prologue relu?(x * in_scale + in_shift) in one pass that also does the layout
+// conv_bn_act in float32 runs as one oneDNN convolution with fused post-ops and folded,
+// pre-packed weights (onednn.cpp). Everywhere else the convolution is ATen's (oneDNN on CPU)
+// and what is fused here is everything around it: the prologue relu?(x * in_scale + in_shift) in one pass that also does the layout
 // change, the folded-BN epilogue written in place into the fresh conv output, and the
 // per-channel (mean, M2) of z in one deterministic pass.
 #include "cpu_kernels.h"
@@ -204,9 +205,17 @@ at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   check_vector(shift, "shift", k, acc, x.device());
   check_residual(residual, "residual", geo.out_shape, x, "x");
 
-  at::Tensor y = convolve(channels_last_input(x), weight, geo, stride, padding, dilation, groups);
+  const at::Tensor xin = channels_last_input(x);
   at::Tensor r;
   if (residual.has_value() && residual->defined()) r = channels_last_input(*residual);
+  // float32: one oneDNN call with the epilogue fused as post-ops (onednn.cpp).
+  at::Tensor fast = conv_bn_act_onednn(xin, weight, scale, shift, r, stride, padding, dilation, groups, relu);
+  if (fast.defined()) {
+    TORCH_INTERNAL_ASSERT(fast.sizes() == at::IntArrayRef(geo.out_shape), "oneDNN convolution returned shape ",
+                          fast.sizes(), ", expected ", at::IntArrayRef(geo.out_shape));
+    return fast;
+  }
+  at::Tensor y = convolve(xin, weight, geo, stride, padding, dilation, groups);
   // y is a fresh buffer, so the epilogue overwrites it in place.
   affine_add_act(y, y, scale, shift, r, at::Tensor(), at::Tensor(), relu);
   return y;

@@ -85,5 +85,15 @@ void affine_add_act(const at::Tensor& out, const at::Tensor& z, const at::Tensor
                     const at::Tensor& shift, const at::Tensor& residual,
                     const at::Tensor& res_scale, const at::Tensor& res_shift, bool relu);
 
+// conv_bn_act through oneDNN with the epilogue as post-ops and folded, pre-packed, cached
+// weights (onednn.cpp, which documents the cache and the numerics). x and residual
+// (undefined when absent): channels_last-contiguous; scale, shift: (K,) float32. Returns the
+// channels_last result, or an undefined tensor when the fast path does not apply (dtype other
+// than float32, empty tensors, oneDNN missing/disabled/rejecting the call, or
+// FUSED_RESNET_CPU_ONEDNN=0); the caller then runs the unfused path.
+at::Tensor conv_bn_act_onednn(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                              const at::Tensor& shift, const at::Tensor& residual, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu);
+
 }  // namespace cpu
 }  // namespace fused_resnet
