@@ -60,9 +60,9 @@ def close(a, b, what, rtol=1e-9):
 
 @pytest.mark.parametrize("depth", list(PAPER_PARAMS))
 def test_depth_and_parameter_count_match_the_paper(depth):
-    with torch.device("meta"):
-        m = getattr(models, f"cifar_resnet{depth}")()
-        p = getattr(models, f"cifar_plain{depth}")()
+    # built on the CPU: on the meta device every init call goes through Python decompositions (slower)
+    m = getattr(models, f"cifar_resnet{depth}")()
+    p = getattr(models, f"cifar_plain{depth}")()
     n = (depth - 2) // 6
     weighted = [x for x in m.modules() if isinstance(x, (nn.Conv2d, nn.Linear))]
     assert len(weighted) == 6 * n + 2  # option A adds no weighted layer
