@@ -126,10 +126,17 @@ def test_bench_bad_arguments(capsys):
 
 @pytest.mark.skipif(not _ext.available(), reason="fused_resnet._C not loaded")
 def test_check_passes_on_cpu_backends(capsys):
-    assert cli.main(["check", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "ALL PASS" in out and "FAIL" not in out.replace("FAILURES", "")
-    assert "cpu    cpu     bfloat16" in out
+    from fused_resnet.bench import check
+
+    assert cli.main(["check", "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] and all(r["passed"] for r in result["rows"])
+    cpu_rows = [r for r in result["rows"] if r["backend"] == "cpu"]
+    assert {r["op"] for r in cpu_rows} >= {"conv_bn_act", "conv_stats.z", "conv_stats.M2", "bn_finalize",
+                                           "bn_add_act", "conv_bn_act.backward"}
+    assert {r["dtype"] for r in cpu_rows} == {"float32", "float64", "float16", "bfloat16"}
+    table = check.format_check(result)
+    assert "ALL PASS" in table and "cpu    cpu     bfloat16" in table
 
 
 def test_bench_help_from_console_script():

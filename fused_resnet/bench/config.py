@@ -142,17 +142,18 @@ def compile_at(cfg: BenchConfig, level: str) -> bool:
 
 
 def _set_threads(cfg: BenchConfig) -> None:
-    """Apply ``cfg.threads``. Left at None on a CPU run, it becomes 1 when the machine is already
-    busy (1-minute load average >= usable cores): there every OpenMP barrier of a multi-threaded
-    op waits for a descheduled thread, which made small ops ~50x slower than single-threaded in
-    our measurements, so timings would measure the scheduler, not the kernels. Recorded in
-    ``cfg.skipped``-style notes by the caller via ``cfg.threads_reason``."""
+    """Decide ``cfg.threads`` (applied by :func:`.run.run_bench` for its run only, so resolving a
+    config changes no global state). Left at None on a CPU run, it becomes 1 when the machine is
+    already busy (1-minute load average >= usable cores): there an OpenMP barrier of a
+    multi-threaded op waits for a descheduled thread -- on the 2-core development machine at
+    load 9, even tiny convolutions and batch norms then took ~60 ms each (a scheduler time
+    slice) -- so timings would measure the scheduler, not the kernels. The reason goes to
+    ``cfg.threads_reason`` and the run's notes."""
     import os
 
     if cfg.threads is not None:
         if cfg.threads < 1:
             raise ValueError(f"threads: expected a positive integer, got {cfg.threads}")
-        torch.set_num_threads(cfg.threads)
         cfg.threads_reason = "set by --threads"
         return
     cfg.threads = torch.get_num_threads()
@@ -163,7 +164,6 @@ def _set_threads(cfg: BenchConfig) -> None:
     load = os.getloadavg()[0]
     if load >= cores and cfg.threads > 1:
         cfg.threads = 1
-        torch.set_num_threads(1)
         cfg.threads_reason = (f"machine busy (load average {load:.1f} on {cores} cores): 1 thread, so OpenMP "
                               "barriers do not wait on descheduled threads; override with --threads")
 

@@ -32,6 +32,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None, log=None) -> dict
 
 def _run(cfg: BenchConfig, argv, log) -> dict:
     cfg = resolve(cfg)
+    torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     start_clock(cfg)
     torch.manual_seed(cfg.seed)
