@@ -130,8 +130,10 @@ def check_model(original: nn.Module, fused: nn.Module, x: torch.Tensor, eval_tol
     torch.manual_seed(3)
     with torch.no_grad():
         actual = fused(x)
-    assert_close_rel(actual, expected, 1e-4, "float32 train output")
-    check_buffers(original, fused, 1e-5)
+    # 1e-3: training-mode BN over few values per channel (2 in the last stage at 32x32) amplifies
+    # float32 rounding, which changes with the thread count; exactness is checked in float64 below
+    assert_close_rel(actual, expected, 1e-3, "float32 train output")
+    check_buffers(original, fused, 1e-4)
     check_train(original64, fused64, x.double(), tol=1e-9)
 
 
