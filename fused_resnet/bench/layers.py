@@ -148,8 +148,8 @@ def training_variants(d: LayerData, cfg: BenchConfig) -> dict:
                              why)
 
     # eager BN parameters live in the activation dtype (as in a model moved to that dtype)
-    gamma_dt = d.gamma.to(dt).requires_grad_(True)
-    beta_dt = d.beta.to(dt).requires_grad_(True)
+    gamma_dt = d.gamma.detach().to(dt).clone().requires_grad_(True)
+    beta_dt = d.beta.detach().to(dt).clone().requires_grad_(True)
 
     def eager(x, wt, r, g):
         y = TF.conv2d(x, wt, None, s.stride, s.padding, s.dilation, s.groups)
@@ -248,7 +248,8 @@ def bench_layers(cfg: BenchConfig, shapes: list[ConvShape], peaks: dict | None, 
                         else:
                             err = max(rel_err(got[0], ref_y), rel_err(got[1][0], ref_g[0]))
                         t = timing.measure(fn, dev, max(cfg.warmup - 1, 0), reps)  # fn(0) warmed up
-                        launches = timing.count_launches(lambda fn=fn: fn(1), dev)
+                        launches = (timing.count_launches(lambda fn=fn: fn(1), dev) if not (
+                            dev.type == "cpu" and variant.startswith("compile")) else timing.NOT_COUNTED_CPU_COMPILED)
                     rows.append(make_row("layer", mode, s.name, s.label, variant, timing=t, launches=launches,
                                          err=err, err_vs="float64 reference", **common))
                 except Exception as exc:  # one broken variant must not hide the others' figures

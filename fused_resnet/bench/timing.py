@@ -114,6 +114,11 @@ def cuda_graph_callable(fn: Callable[[int], object], n_buffers: int, warmup: int
     return replay
 
 
+#: launch count of torch.compile'd code on a CPU: inductor's C++ kernels are not dispatcher ops,
+#: so the profiler would count 0 -- reported as "not counted" instead of a flattering zero
+NOT_COUNTED_CPU_COMPILED = (None, "not counted (compiled CPU code)")
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """Silence file descriptor 2 (some profiler builds print a line per start/stop from C++,
