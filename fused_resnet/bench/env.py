@@ -2,7 +2,8 @@
 
 Every result carries this record (the design's rule: never a figure without the machine it
 came from): CPU model and core counts, GPU name / capability / memory / driver, and the
-versions of Python, torch (+ its CUDA and cuDNN), triton, torchvision and fused_resnet, what
+versions of Python, torch (+ its CUDA and cuDNN), triton, torchvision and fused_resnet (and the
+git commit of the source checkout, when there is one), what
 ``fused_resnet._C`` was built with, the command line and a UTC timestamp.
 """
 
@@ -49,6 +50,20 @@ def _driver_version() -> str | None:
     return None
 
 
+def _git_commit() -> str | None:
+    """The source checkout's commit (``+dirty`` with local changes), None outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def collect_env(argv: list[str] | None = None) -> dict:
     """A JSON-ready record of this machine, its software and the command being run."""
     import fused_resnet
@@ -81,6 +96,7 @@ def collect_env(argv: list[str] | None = None) -> dict:
         "gpu": gpu,
         "versions": {
             "fused_resnet": fused_resnet.__version__,
+            "fused_resnet_git": _git_commit(),
             "torch": torch.__version__,
             "torch_cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
