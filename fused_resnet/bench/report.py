@@ -158,7 +158,7 @@ def write_markdown(result: dict, path: str) -> None:
         f"- CPU: {env['cpu']['model']} ({env['cpu']['usable_cores']} usable cores, {env['cpu']['torch_threads']} "
         "torch threads)",
         f"- versions: torch {v['torch']} (CUDA {v['torch_cuda']}, cuDNN {v['cudnn']}), triton {v['triton']}, "
-        f"torchvision {v['torchvision']}, fused_resnet {v['fused_resnet']}",
+        f"torchvision {v['torchvision']}, fused_resnet {v['fused_resnet']} (git {v.get('fused_resnet_git') or 'n/a'})",
         f"- batch {cfg['batch']} (training {cfg['train_batch']}), input {cfg['size']}x{cfg['size']}, "
         f"warm-up {cfg['warmup']}, repeats {cfg['repeats']}",
         f"- command: `{env['command']}`",
