@@ -130,6 +130,16 @@ def _fold(bn: nn.Module, conv_bias: Tensor | None, acc: torch.dtype):
     return scale, shift, invstd, mean_eff
 
 
+def _fold_graph(bn: nn.Module, conv_bias: Tensor | None, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(scale, shift) computed with autograd (no cache): the torch.compile path."""
+
+    def cast(t):
+        return None if t is None else t.to(acc)
+
+    return reference.fold_bn(cast(bn.running_mean), cast(bn.running_var), cast(bn.weight), cast(bn.bias),
+                             float(bn.eps), cast(conv_bias))
+
+
 class _CachedFold(torch.autograd.Function):
     """Hands out a cache's (scale, shift) with a gradient path to BN weight/bias and conv bias.
 
@@ -187,6 +197,10 @@ class FoldCache:
 
     def get(self, bn: nn.Module, conv_bias: Tensor | None, acc: torch.dtype) -> tuple[Tensor, Tensor]:
         inputs = (bn.running_mean, bn.running_var, bn.weight, bn.bias, conv_bias)
+        if torch.compiler.is_compiling():
+            # Under torch.compile the fold is part of the traced graph (the compiler hoists and
+            # fuses it); the Python-side cache (ids, versions, inference mode) is not traceable.
+            return _fold_graph(bn, conv_bias, acc)
         key = (acc, float(bn.eps), torch.is_inference_mode_enabled()) + tuple(_key(t) for t in inputs)
         if key != self._key:
             with torch.no_grad():
