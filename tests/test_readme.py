@@ -22,6 +22,15 @@ def test_usage_example_runs():
     assert out.shape == (8, 64, 56, 56) and (out >= 0).all()
 
 
+def test_models_example_runs():
+    code = next(b for b in _blocks("python") if "fuse(" in b)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102
+    assert scope["y"].shape == (2, 10)
+    assert scope["report"].counts["fused"] > 0
+    assert type(scope["plain"].layer1[0]) is type(scope["tv"].layer1[0])
+
+
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(b.strip() for b in _blocks("bash") if "pytest" in b)
