@@ -87,3 +87,82 @@ def test_two_ranks_match_the_whole_batch(tmp_path, backend):
         torch.testing.assert_close(o["rm"], rm, **close)
         torch.testing.assert_close(o["rv"], rv, **close)
         assert int(o["nbt"]) == 1
+
+
+BLOCK_WORKER = Path(__file__).parent / "dist" / "worker_block.py"
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=requires_c)])
+def test_data_parallel_fused_block_with_sync_batchnorm_matches_the_whole_batch(tmp_path, backend):
+    """Two ranks, convert_sync_batchnorm + DDP-style gradient averaging: each rank's output and input gradient equal the
+    whole batch's in one process (torchvision's block, float64); DDP's averaged parameter
+    gradients times the world size equal the whole batch's; running statistics agree."""
+    import torchvision.models.resnet as tvr
+    from torch import nn
+
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(4, 6, 1, stride=2, bias=False), nn.BatchNorm2d(6))
+    ref_block = tvr.BasicBlock(4, 6, stride=2, downsample=down).double().train()
+    for m in ref_block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_()
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 1.5)
+    n, splits = 5, [0, 3, 5]
+    d = {"state": {k: v.clone() for k, v in ref_block.state_dict().items()},
+         "x": torch.randn(n, 4, 8, 8, dtype=torch.float64) + 1.0,
+         "g": torch.randn(n, 6, 4, 4, dtype=torch.float64), "splits": splits}
+    torch.save(d, tmp_path / "inputs.pt")
+    env = {key: v for key, v in os.environ.items() if not key.startswith("FUSED_RESNET_BACKEND")}
+    env["FUSED_RESNET_QUIET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(fused_resnet.__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")])
+    procs = [
+        subprocess.Popen([sys.executable, str(BLOCK_WORKER), str(r), "2", str(tmp_path / "init"),
+                          str(tmp_path / "inputs.pt"), str(tmp_path / f"out{r}.pt"), backend],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out
+    outs = [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
+
+    x = d["x"].clone().requires_grad_()
+    y = ref_block(x)
+    (y * d["g"]).sum().backward()
+    close = dict(rtol=1e-9, atol=1e-9)
+    for r, o in enumerate(outs):
+        lo, hi = splits[r], splits[r + 1]
+        # the fused path ran: batch statistics through conv_stats / bn_finalize, no unfused BN
+        assert any(op.startswith("conv_stats:") for op in o["ops"]), o["ops"]
+        assert all(op.endswith(":" + backend) for op in o["ops"]), o["ops"]
+        torch.testing.assert_close(o["y"], y[lo:hi].detach(), **close)
+        torch.testing.assert_close(o["gx"], x.grad[lo:hi], **close)
+        for name, p in ref_block.named_parameters():
+            torch.testing.assert_close(o["grads"][name] * 2, p.grad, **close, msg=f"grad {name}")
+        for name, b in ref_block.named_buffers():
+            torch.testing.assert_close(o["buffers"][name], b, **close, msg=f"buffer {name}")
+
+
+def test_convert_sync_batchnorm_adopts_parameters_and_refuses_folded_stems():
+    import torchvision
+    from torch import nn
+
+    import fused_resnet.nn as fnn
+    from fused_resnet import models
+    from fused_resnet.convert import fuse
+
+    m = models.resnet18(num_classes=3)
+    before = {id(p) for p in m.parameters()}
+    m.layer1.eval()
+    fnn.convert_sync_batchnorm(m)
+    assert isinstance(m.bn1, nn.SyncBatchNorm) and isinstance(m.layer4[1].bn2, nn.SyncBatchNorm)
+    assert {id(p) for p in m.parameters()} == before
+    assert not m.layer1[0].bn1.training and m.layer2[0].bn1.training
+    fused, _ = fuse(torchvision.models.resnet18())
+    with pytest.raises(ValueError, match="before fused_resnet.fuse"):
+        fnn.convert_sync_batchnorm(fused)
+    with pytest.raises(TypeError, match="module"):
+        fnn.convert_sync_batchnorm("resnet")

@@ -21,6 +21,8 @@ What exists (the contract ``fused_resnet.convert`` builds on):
 * :class:`ConvBNAct` ``(in_channels, out_channels, kernel_size=3, stride=1, padding=None, groups=1,
   norm_layer=None, relu=True, dilation=1, bias=False, backend=None)`` with submodules ``conv`` and
   ``bn``; ``ConvBNAct.from_modules(conv, bn, relu=True, backend=None)`` adopts a stem's modules.
+* :func:`convert_sync_batchnorm` -- BatchNorm2d -> SyncBatchNorm, which fused blocks run fused
+  with statistics merged across processes.
 * :class:`PlainBasicBlock` -- a BasicBlock without a shortcut (the CIFAR plain networks).
 * Every fused module has a ``backend`` attribute (None = auto) passed to the functional ops, and
   ``unfused_reason()`` (None, or why it runs as plain PyTorch: a norm layer that is not
@@ -34,5 +36,6 @@ the next conv's prologue and the block ending in ``bn_add_act`` (projection BN a
 """
 
 from .modules import BasicBlock, Bottleneck, ConvBNAct, PlainBasicBlock, split_downsample
+from .sync import convert_sync_batchnorm
 
-__all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "PlainBasicBlock", "split_downsample"]
+__all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "PlainBasicBlock", "split_downsample", "convert_sync_batchnorm"]

@@ -19,8 +19,11 @@ Vocabulary:
     :func:`~fused_resnet.functional.bn_finalize`; the BN (+ ReLU) is *not* applied yet but
     carried as a pending transform (:class:`Act`) that the next conv applies as it loads its input
     (the prologue) or the block's :func:`~fused_resnet.functional.bn_add_act` applies at the end.
-* Any other norm layer (GroupNorm, LayerNorm, SyncBatchNorm, Identity, ...) cannot be fused;
-  :func:`norm_mode` returns the reason and the caller runs its modules unfused.
+* ``nn.SyncBatchNorm`` is fused like ``BatchNorm2d``; in batch mode while training, its batch
+  statistics are merged across its process group (:func:`fused_resnet.distributed.sync_stats`)
+  between ``conv_stats`` and ``bn_finalize``, as ``nn.SyncBatchNorm`` does.
+* Any other norm layer (GroupNorm, LayerNorm, Identity, ...) cannot be fused;
+  :func:`norm_reason` returns the reason and the caller runs its modules unfused.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 
 from .. import backends, reference
 from .. import functional as F
+from ..distributed import sync_stats
 
 try:  # torchvision is a dependency, but keep the engine importable without it
     from torchvision.ops import FrozenBatchNorm2d as _FrozenBN
@@ -59,17 +63,15 @@ def is_frozen_bn(m: nn.Module) -> bool:
 
 
 def is_fusable_norm(m: nn.Module) -> bool:
-    """``nn.BatchNorm2d`` (and subclasses) or ``torchvision.ops.FrozenBatchNorm2d``."""
-    return isinstance(m, nn.BatchNorm2d) or is_frozen_bn(m)
+    """``nn.BatchNorm2d`` (and subclasses), ``nn.SyncBatchNorm`` or ``torchvision.ops.FrozenBatchNorm2d``."""
+    return isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) or is_frozen_bn(m)
 
 
 def norm_reason(m) -> str | None:
     """None if ``m`` is a norm layer the fused ops can run, else why not (one line)."""
     if is_fusable_norm(m):
         return None
-    if isinstance(m, nn.SyncBatchNorm):
-        return "SyncBatchNorm's statistics span processes; only BatchNorm2d/FrozenBatchNorm2d are fused"
-    return f"{type(m).__name__} is not a BatchNorm2d or FrozenBatchNorm2d; only those are fused"
+    return f"{type(m).__name__} is not a BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d; only those are fused"
 
 
 def norm_mode(m: nn.Module) -> str:
@@ -290,6 +292,8 @@ def batch_norm_affine(bn: nn.Module, stats: Tensor, z: Tensor, conv_bias: Tensor
     acc = stats.dtype
     count = z.numel() // z.shape[1] if z.shape[1] else 0
     track = bn.training and bn.running_mean is not None and bn.running_var is not None
+    if isinstance(bn, nn.SyncBatchNorm) and bn.training:
+        stats, count = sync_stats(stats, count, bn.process_group)
     if conv_bias is not None:
         stats = torch.stack([stats[0] + conv_bias.to(acc), stats[1]])
     gamma = None if bn.weight is None else bn.weight.to(acc)
