@@ -16,8 +16,9 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
 
     Only exact ``nn.BatchNorm2d`` instances are converted. A BatchNorm2d subclass -- in particular
     the ``FoldedBatchNorm2d`` that :func:`fused_resnet.fuse` leaves in a fused stem -- raises a
-    ``ValueError`` rather than being left unsynchronized: convert before fusing a model with
-    ``fuse`` (models from :mod:`fused_resnet.models` can be converted directly).
+    ``ValueError`` rather than being left unsynchronized. Models from :mod:`fused_resnet.models`
+    convert directly; a model converted before ``fuse`` keeps correct synchronized BN, but ``fuse``
+    leaves its SyncBatchNorm units unfused.
 
     Returns ``module`` (or its replacement when ``module`` itself is a BatchNorm2d); edits in place.
     """
@@ -27,7 +28,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         if type(module) is not nn.BatchNorm2d:
             raise ValueError(
                 f"module: {type(module).__name__} is a BatchNorm2d subclass that convert_sync_batchnorm cannot "
-                "synchronize (a fused stem's folded BN?); call convert_sync_batchnorm before fused_resnet.fuse"
+                "synchronize (a fused stem's folded BN?); use a fused_resnet.models model, or call "
+                "convert_sync_batchnorm before fused_resnet.fuse (which then leaves SyncBatchNorm units unfused)"
             )
         sync = nn.SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                 module.track_running_stats, process_group)
