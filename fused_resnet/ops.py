@@ -121,20 +121,6 @@ def _setup_conv_bn_act(ctx, inputs, output):
     ctx.relu = relu
 
 
-def _backward_conv_bn_act(ctx, grad):
-    x, weight, scale, shift, residual = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv
-    nx, nw, nscale, nshift, nres = ctx.needs_input_grad[:5]
-    # The pre-activation conv output is not stored by the single-launch forward: recompute it.
-    c = torch.ops.aten.convolution(x, weight, None, stride, padding, dilation, False, [0, 0], groups)
-    gc, gscale, gshift, gres, _ = _op("bn_add_act_backward")(
-        grad, c, scale, shift, residual, None, None, ctx.relu
-    )
-    gx, gw = _conv_backward(gc, x, weight, stride, padding, dilation, groups, nx, nw)
-    return (gx, gw, gscale if nscale else None, gshift if nshift else None,
-            gres if (nres and residual is not None) else None, None, None, None, None, None)
-
-
 def _setup_conv_stats(ctx, inputs, output):
     x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups = inputs
     z, stats = output
@@ -142,34 +128,6 @@ def _setup_conv_stats(ctx, inputs, output):
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
     ctx.in_relu = in_relu
     ctx.has_prologue = in_scale is not None or in_shift is not None or in_relu
-
-
-def _backward_conv_stats(ctx, grad_z, grad_stats):
-    x, weight, in_scale, in_shift, z, stats = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv
-    nx, nw, nscale, nshift = ctx.needs_input_grad[:4]
-    k = z.shape[1]
-    count = z.numel() // k if k else 0
-    if grad_z is None:
-        grad_z = torch.zeros_like(z)
-    if grad_stats is None:
-        grad_stats = torch.zeros_like(stats)
-    g = _op("stats_backward")(grad_z, grad_stats, z, stats, count)
-    if not ctx.has_prologue:
-        gx, gw = _conv_backward(g, x, weight, stride, padding, dilation, groups, nx, nw)
-        return gx, gw, None, None, None, None, None, None, None
-    c = x.shape[1]
-    s = in_scale if in_scale is not None else _vec_ones(c, x)
-    b = in_shift if in_shift is not None else _vec_zeros(c, x)
-    # Recompute the transformed input instead of having kept it alive since the forward.
-    xin = _op("bn_add_act")(x, s, b, None, None, None, ctx.in_relu)
-    need_xin = nx or nscale or nshift
-    gxin, gw = _conv_backward(g, xin, weight, stride, padding, dilation, groups, need_xin, nw)
-    gx = gs = gb = None
-    if need_xin:
-        gx, gs, gb, _, _ = _op("bn_add_act_backward")(gxin, x, s, b, None, None, None, ctx.in_relu)
-    return (gx if nx else None, gw, gs if (nscale and in_scale is not None) else None,
-            gb if (nshift and in_shift is not None) else None, None, None, None, None, None)
 
 
 def _setup_bn_finalize(ctx, inputs, output):
@@ -206,21 +164,77 @@ def _setup_bn_add_act(ctx, inputs, output):
     ctx.relu = relu
 
 
-def _backward_bn_add_act(ctx, grad):
-    z, scale, shift, residual, res_scale, res_shift = ctx.saved_tensors
-    gz, gscale, gshift, gres, gres_scale = _op("bn_add_act_backward")(
-        grad, z, scale, shift, residual, res_scale, res_shift, ctx.relu
-    )
-    n = ctx.needs_input_grad
-    return (
-        gz if n[0] else None,
-        gscale if n[1] else None,
-        gshift if n[2] else None,
-        gres if (n[3] and residual is not None) else None,
-        gres_scale if (n[4] and res_scale is not None) else None,
-        gshift if (n[5] and res_shift is not None) else None,
-        None,
-    )
+def make_backwards(ops):
+    """The backward formulas of ``conv_bn_act``, ``conv_stats`` and ``bn_add_act``.
+
+    ``ops()`` returns the op namespace whose fused ``bn_add_act``, ``bn_add_act_backward`` and
+    ``stats_backward`` they call (looked up at backward time, so the namespace may be registered
+    later): ``torch.ops.fused_resnet`` for the compiled kernels, ``torch.ops.fused_resnet_triton``
+    for the Triton backend -- one set of formulas for every backend. Returns
+    ``(backward_conv_bn_act, backward_conv_stats, backward_bn_add_act)`` for
+    ``torch.library.register_autograd``, paired with the ``_setup_*`` context functions here.
+    """
+
+    def backward_conv_bn_act(ctx, grad):
+        x, weight, scale, shift, residual = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        nx, nw, nscale, nshift, nres = ctx.needs_input_grad[:5]
+        # The pre-activation conv output is not stored by the single-launch forward: recompute it.
+        c = torch.ops.aten.convolution(x, weight, None, stride, padding, dilation, False, [0, 0], groups)
+        gc, gscale, gshift, gres, _ = ops().bn_add_act_backward(
+            grad, c, scale, shift, residual, None, None, ctx.relu
+        )
+        gx, gw = _conv_backward(gc, x, weight, stride, padding, dilation, groups, nx, nw)
+        return (gx, gw, gscale if nscale else None, gshift if nshift else None,
+                gres if (nres and residual is not None) else None, None, None, None, None, None)
+
+    def backward_conv_stats(ctx, grad_z, grad_stats):
+        x, weight, in_scale, in_shift, z, stats = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        nx, nw, nscale, nshift = ctx.needs_input_grad[:4]
+        k = z.shape[1]
+        count = z.numel() // k if k else 0
+        if grad_z is None:
+            grad_z = torch.zeros_like(z)
+        if grad_stats is None:
+            grad_stats = torch.zeros_like(stats)
+        g = ops().stats_backward(grad_z, grad_stats, z, stats, count)
+        if not ctx.has_prologue:
+            gx, gw = _conv_backward(g, x, weight, stride, padding, dilation, groups, nx, nw)
+            return gx, gw, None, None, None, None, None, None, None
+        c = x.shape[1]
+        s = in_scale if in_scale is not None else _vec_ones(c, x)
+        b = in_shift if in_shift is not None else _vec_zeros(c, x)
+        # Recompute the transformed input instead of having kept it alive since the forward.
+        xin = ops().bn_add_act(x, s, b, None, None, None, ctx.in_relu)
+        need_xin = nx or nscale or nshift
+        gxin, gw = _conv_backward(g, xin, weight, stride, padding, dilation, groups, need_xin, nw)
+        gx = gs = gb = None
+        if need_xin:
+            gx, gs, gb, _, _ = ops().bn_add_act_backward(gxin, x, s, b, None, None, None, ctx.in_relu)
+        return (gx if nx else None, gw, gs if (nscale and in_scale is not None) else None,
+                gb if (nshift and in_shift is not None) else None, None, None, None, None, None)
+
+    def backward_bn_add_act(ctx, grad):
+        z, scale, shift, residual, res_scale, res_shift = ctx.saved_tensors
+        gz, gscale, gshift, gres, gres_scale = ops().bn_add_act_backward(
+            grad, z, scale, shift, residual, res_scale, res_shift, ctx.relu
+        )
+        n = ctx.needs_input_grad
+        return (
+            gz if n[0] else None,
+            gscale if n[1] else None,
+            gshift if n[2] else None,
+            gres if (n[3] and residual is not None) else None,
+            gres_scale if (n[4] and res_scale is not None) else None,
+            gshift if (n[5] and res_shift is not None) else None,
+            None,
+        )
+
+    return backward_conv_bn_act, backward_conv_stats, backward_bn_add_act
+
+
+_backward_conv_bn_act, _backward_conv_stats, _backward_bn_add_act = make_backwards(lambda: torch.ops.fused_resnet)
 
 
 # ----------------------------------------------------------------------------- autocast

@@ -202,55 +202,8 @@ def stats_backward(grad_z: Tensor, grad_stats: Tensor, z: Tensor, stats: Tensor,
 # ----------------------------------------------------------------------------- autograd
 
 
-def _backward_conv_bn_act(ctx, grad):
-    x, weight, scale, shift, residual = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv
-    nx, nw, nscale, nshift, nres = ctx.needs_input_grad[:5]
-    # The single-launch forward does not store the pre-activation conv output: recompute it.
-    c = torch.ops.aten.convolution(x, weight, None, stride, padding, dilation, False, [0, 0], groups)
-    gc, gscale, gshift, gres, _ = _t().bn_add_act_backward(grad, c, scale, shift, residual, None, None, ctx.relu)
-    gx, gw = _cops._conv_backward(gc, x, weight, stride, padding, dilation, groups, nx, nw)
-    return (gx, gw, gscale if nscale else None, gshift if nshift else None,
-            gres if (nres and residual is not None) else None, None, None, None, None, None)
-
-
-def _backward_conv_stats(ctx, grad_z, grad_stats):
-    x, weight, in_scale, in_shift, z, stats = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv
-    nx, nw, nscale, nshift = ctx.needs_input_grad[:4]
-    k = z.shape[1]
-    count = z.numel() // k if k else 0
-    if grad_z is None:
-        grad_z = torch.zeros_like(z)
-    if grad_stats is None:
-        grad_stats = torch.zeros_like(stats)
-    g = _t().stats_backward(grad_z, grad_stats, z, stats, count)
-    if not ctx.has_prologue:
-        gx, gw = _cops._conv_backward(g, x, weight, stride, padding, dilation, groups, nx, nw)
-        return gx, gw, None, None, None, None, None, None, None
-    c = x.shape[1]
-    s = in_scale if in_scale is not None else torch.ones(c, dtype=torch.float32, device=x.device)
-    b = in_shift if in_shift is not None else torch.zeros(c, dtype=torch.float32, device=x.device)
-    # Recompute the transformed input instead of keeping it alive since the forward.
-    xin = _t().bn_add_act(x, s, b, None, None, None, ctx.in_relu)
-    need_xin = nx or nscale or nshift
-    gxin, gw = _cops._conv_backward(g, xin, weight, stride, padding, dilation, groups, need_xin, nw)
-    gx = gs = gb = None
-    if need_xin:
-        gx, gs, gb, _, _ = _t().bn_add_act_backward(gxin, x, s, b, None, None, None, ctx.in_relu)
-    return (gx if nx else None, gw, gs if (nscale and in_scale is not None) else None,
-            gb if (nshift and in_shift is not None) else None, None, None, None, None, None)
-
-
-def _backward_bn_add_act(ctx, grad):
-    z, scale, shift, residual, res_scale, res_shift = ctx.saved_tensors
-    gz, gscale, gshift, gres, gres_scale = _t().bn_add_act_backward(
-        grad, z, scale, shift, residual, res_scale, res_shift, ctx.relu)
-    n = ctx.needs_input_grad
-    return (gz if n[0] else None, gscale if n[1] else None, gshift if n[2] else None,
-            gres if (n[3] and residual is not None) else None,
-            gres_scale if (n[4] and res_scale is not None) else None,
-            gshift if (n[5] and res_shift is not None) else None, None)
+# The formulas are fused_resnet.ops' own, calling this namespace's fused backward ops.
+_backward_conv_bn_act, _backward_conv_stats, _backward_bn_add_act = _cops.make_backwards(_t)
 
 
 def _register_autograd():
