@@ -17,6 +17,26 @@ from fused_resnet import reference as ref
 from fused_resnet.distributed import is_active, sync_stats
 
 WORKER = Path(__file__).parent / "dist" / "worker_stats.py"
+BLOCK_WORKER = Path(__file__).parent / "dist" / "worker_block.py"
+
+
+def _run_two_ranks(worker: Path, inputs: dict, tmp_path: Path, backend: str) -> list[dict]:
+    """Run ``worker`` as ranks 0 and 1 (gloo, file rendezvous) on ``inputs``; their saved outputs."""
+    torch.save(inputs, tmp_path / "inputs.pt")
+    env = {key: v for key, v in os.environ.items() if not key.startswith("FUSED_RESNET_BACKEND")}
+    env["FUSED_RESNET_QUIET"] = "1"
+    root = str(Path(fused_resnet.__file__).resolve().parents[1])  # the tree under test, installed or not
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    procs = [
+        subprocess.Popen([sys.executable, str(worker), str(r), "2", str(tmp_path / "init"),
+                          str(tmp_path / "inputs.pt"), str(tmp_path / f"out{r}.pt"), backend],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out
+    return [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
 
 
 def test_sync_stats_passes_through_without_a_process_group():
@@ -48,21 +68,7 @@ def test_two_ranks_match_the_whole_batch(tmp_path, backend):
         "rm": torch.randn(k, dtype=dt), "rv": torch.rand(k, dtype=dt) + 0.5,
         "res": torch.randn(n, k, h, h, dtype=dt), "g": torch.randn(n, k, h, h, dtype=dt), "splits": splits,
     }
-    torch.save(d, tmp_path / "inputs.pt")
-    env = {key: v for key, v in os.environ.items() if not key.startswith("FUSED_RESNET_BACKEND")}
-    env["FUSED_RESNET_QUIET"] = "1"
-    root = str(Path(fused_resnet.__file__).resolve().parents[1])  # the tree under test, installed or not
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(r), "2", str(tmp_path / "init"),
-                          str(tmp_path / "inputs.pt"), str(tmp_path / f"out{r}.pt"), backend],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(2)
-    ]
-    for p in procs:
-        out, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, out
-    outs = [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
+    outs = _run_two_ranks(WORKER, d, tmp_path, backend)
 
     # the whole batch in one process, with the reference
     x = d["x"].clone().requires_grad_()
@@ -89,9 +95,6 @@ def test_two_ranks_match_the_whole_batch(tmp_path, backend):
         assert int(o["nbt"]) == 1
 
 
-BLOCK_WORKER = Path(__file__).parent / "dist" / "worker_block.py"
-
-
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=requires_c)])
 def test_data_parallel_fused_block_with_sync_batchnorm_matches_the_whole_batch(tmp_path, backend):
     """Two ranks, convert_sync_batchnorm + DDP-style gradient averaging: each rank's output and input gradient equal the
@@ -113,21 +116,7 @@ def test_data_parallel_fused_block_with_sync_batchnorm_matches_the_whole_batch(t
     d = {"state": {k: v.clone() for k, v in ref_block.state_dict().items()},
          "x": torch.randn(n, 4, 8, 8, dtype=torch.float64) + 1.0,
          "g": torch.randn(n, 6, 4, 4, dtype=torch.float64), "splits": splits}
-    torch.save(d, tmp_path / "inputs.pt")
-    env = {key: v for key, v in os.environ.items() if not key.startswith("FUSED_RESNET_BACKEND")}
-    env["FUSED_RESNET_QUIET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(fused_resnet.__file__).resolve().parents[1]),
-                                         env.get("PYTHONPATH", "")])
-    procs = [
-        subprocess.Popen([sys.executable, str(BLOCK_WORKER), str(r), "2", str(tmp_path / "init"),
-                          str(tmp_path / "inputs.pt"), str(tmp_path / f"out{r}.pt"), backend],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(2)
-    ]
-    for p in procs:
-        out, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, out
-    outs = [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
+    outs = _run_two_ranks(BLOCK_WORKER, d, tmp_path, backend)
 
     x = d["x"].clone().requires_grad_()
     y = ref_block(x)
