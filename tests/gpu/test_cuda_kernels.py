@@ -17,11 +17,25 @@ Needs a CUDA device and a build with the CUDA kernels; skips cleanly otherwise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 import torch.nn.functional as F
+from gpu_common import (
+    CL,
+    DEV,
+    Conv,
+    assert_nhwc,
+    assert_rule,
+    bc,
+    conv_inputs,
+    d64,
+    eager_bn,
+    eager_conv_bn_act,
+    eager_prologue,
+    rand,
+    stats_of,
+    vec,
+)
 
 try:
     import fused_resnet  # noqa: F401  (loads fused_resnet._C, which registers the kernels)
@@ -47,61 +61,15 @@ pytestmark = [
                        reason="fused_resnet._C has no CUDA kernels (built without CUDA?)"),
 ]
 
-CL = torch.channels_last
-DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 LOWP = (torch.float16, torch.bfloat16)
-# Floor of the tolerance rule, relative to max(|expected|, 1).
-FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 
 
 def ops():
     return torch.ops.fused_resnet
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32_seeded():
-    """float32 convs in full precision (cuDNN's TF32 default would dominate the error)."""
-    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.manual_seed(0)
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
-# ---------------------------------------------------------------------------------------
-# inputs and comparisons
-
-
-@dataclass(frozen=True)
-class Conv:
-    n: int
-    c: int
-    h: int
-    w: int
-    k: int
-    r: int = 3
-    stride: int = 1
-    padding: int = 1
-    dilation: int = 1
-    groups: int = 1
-
-    @property
-    def args(self):
-        s, p, d = self.stride, self.padding, self.dilation
-        return [s, s], [p, p], [d, d], self.groups
-
-    def out_hw(self):
-        e = self.dilation * (self.r - 1) + 1
-        return ((self.h + 2 * self.padding - e) // self.stride + 1,
-                (self.w + 2 * self.padding - e) // self.stride + 1)
-
-    def __str__(self):
-        return (f"{self.n}x{self.c}x{self.h}x{self.w}-k{self.k}r{self.r}s{self.stride}"
-                f"p{self.padding}d{self.dilation}g{self.groups}")
-
-
+# Inputs, eager baselines and the 2x rule: gpu_common.py; TF32 off + seeding: conftest.py.
 RESNET50 = [
     Conv(8, 3, 224, 224, 64, r=7, stride=2, padding=3),  # stem
     Conv(8, 64, 56, 56, 64),  # conv2_x 3x3
@@ -116,98 +84,6 @@ ODD = [
     Conv(2, 32, 15, 15, 36, stride=2),  # stride 2, odd spatial, channels % 8 != 0
 ]
 CASES = RESNET50 + ODD
-
-
-def rand(*shape, dtype, scale=1.0, offset=0.0, channels_last=True):
-    t = (torch.randn(*shape, dtype=torch.float64, device=DEV) * scale + offset).to(dtype)
-    return t.contiguous(memory_format=CL) if channels_last and t.dim() == 4 else t
-
-
-def vec(k, dtype, positive=False):
-    v = torch.randn(k, dtype=torch.float64, device=DEV)
-    if positive:
-        v = v.abs() + 0.5
-    return v.to(ref.acc_dtype(dtype))
-
-
-def d64(t):
-    return None if t is None else t.detach().to(torch.float64)
-
-
-def conv_inputs(case: Conv, dtype):
-    x = rand(case.n, case.c, case.h, case.w, dtype=dtype)
-    fan_in = case.c // case.groups * case.r * case.r
-    w = rand(case.k, case.c // case.groups, case.r, case.r, dtype=dtype, scale=(2.0 / fan_in) ** 0.5)
-    return x, w
-
-
-def assert_rule(actual, expected, dtype, eager=None, what="output"):
-    """|actual - expected| <= 2 * |eager - expected| + floor, max over elements.
-
-    expected: the float64 reference; eager: PyTorch's own computation in `dtype` (None when
-    there is none worth comparing with: the floor alone then applies).
-    """
-    assert tuple(actual.shape) == tuple(expected.shape), (
-        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    )
-    a, e = d64(actual), d64(expected)
-    if a.numel() == 0:
-        return
-    assert torch.isfinite(a).all(), f"{what}: non-finite values"
-    mag = max(e.abs().max().item(), 1.0)
-    err = (a - e).abs().max().item()
-    own = 0.0 if eager is None else (d64(eager) - e).abs().max().item()
-    bound = 2 * own + FLOOR[dtype] * mag
-    assert err <= bound, (f"{what} [{dtype}]: error {err:.3e} > bound {bound:.3e} "
-                          f"(eager error {own:.3e}, magnitude {mag:.3e})")
-
-
-def assert_nhwc(t, what="output"):
-    assert t.is_cuda, f"{what}: expected a CUDA tensor"
-    assert t.is_contiguous(memory_format=CL), f"{what}: expected channels_last, strides {t.stride()}"
-
-
-def bc(v):
-    return v.view(1, -1, 1, 1)
-
-
-# PyTorch's eager composition in the activation dtype: every layer's output rounded to it.
-def eager_bn(t, scale, shift):
-    acc = ref.acc_dtype(t.dtype)
-    return (t.to(acc) * bc(scale) + bc(shift)).to(t.dtype)
-
-
-def eager_conv_bn_act(x, w, scale, shift, residual, case, relu):
-    s, p, d, g = case.args
-    y = eager_bn(F.conv2d(x, w, None, s, p, d, g), scale, shift)
-    if residual is not None:
-        y = y + residual
-    return torch.relu(y) if relu else y
-
-
-def eager_prologue(x, in_scale, in_shift, in_relu):
-    acc = ref.acc_dtype(x.dtype)
-    t = x
-    if in_scale is not None or in_shift is not None:
-        t = x.to(acc)
-        if in_scale is not None:
-            t = t * bc(in_scale)
-        if in_shift is not None:
-            t = t + bc(in_shift)
-        t = t.to(x.dtype)
-    return torch.relu(t) if in_relu else t
-
-
-def eager_stats(z):
-    acc = ref.acc_dtype(z.dtype)
-    za = z.to(acc)
-    mean = za.mean(dim=(0, 2, 3))
-    return torch.stack([mean, ((za - bc(mean)) ** 2).sum(dim=(0, 2, 3))])
-
-
-def stats_of(z64):
-    mean = z64.mean(dim=(0, 2, 3))
-    return torch.stack([mean, ((z64 - bc(mean)) ** 2).sum(dim=(0, 2, 3))])
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,7 +165,7 @@ def _check_conv_stats(case, dtype, prologue):
     ez, estats = ref.conv_stats(d64(x), d64(w), d64(in_scale), d64(in_shift), in_relu, *case.args)
     s, p, d, g = case.args
     eager_z = F.conv2d(eager_prologue(x, in_scale, in_shift, in_relu), w, None, s, p, d, g)
-    eager_s = eager_stats(eager_z)
+    eager_s = stats_of(eager_z)
     what = f"conv_stats {case} prologue={prologue}"
     assert_rule(z, ez, dtype, eager_z, what + " z")
     assert_rule(stats[0], estats[0], dtype, eager_s[0], what + " mean")

@@ -41,16 +41,6 @@ DEV = "cuda"
 CL = torch.channels_last
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.manual_seed(0)
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
 class OpRecorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()

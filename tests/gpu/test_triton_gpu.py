@@ -24,12 +24,26 @@ import inspect
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from gpu_common import (
+    CL,
+    DEV,
+    Conv,
+    assert_nhwc,
+    assert_rule,
+    conv_inputs,
+    d64,
+    eager_bn,
+    eager_conv_bn_act,
+    eager_prologue,
+    rand,
+    stats_of,
+    vec,
+)
 
 from fused_resnet import reference as ref
 from fused_resnet.triton import triton_import_error
@@ -40,10 +54,7 @@ pytestmark = [
     pytest.mark.skipif(triton_import_error() is not None, reason="triton does not import"),
 ]
 
-CL = torch.channels_last
-DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -53,43 +64,7 @@ def T():
     return load_ops()
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32_seeded():
-    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.manual_seed(0)
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
-@dataclass(frozen=True)
-class Conv:
-    n: int
-    c: int
-    h: int
-    w: int
-    k: int
-    r: int = 3
-    stride: int = 1
-    padding: int = 1
-    dilation: int = 1
-    groups: int = 1
-
-    @property
-    def args(self):
-        s, p, d = self.stride, self.padding, self.dilation
-        return [s, s], [p, p], [d, d], self.groups
-
-    def out_hw(self):
-        e = self.dilation * (self.r - 1) + 1
-        return ((self.h + 2 * self.padding - e) // self.stride + 1,
-                (self.w + 2 * self.padding - e) // self.stride + 1)
-
-    def __str__(self):
-        return (f"{self.n}x{self.c}x{self.h}x{self.w}-k{self.k}r{self.r}s{self.stride}"
-                f"p{self.padding}d{self.dilation}g{self.groups}")
-
+# Inputs, eager baselines and the 2x rule: gpu_common.py; TF32 off + seeding: conftest.py.
 
 RESNET50 = [
     Conv(4, 3, 224, 224, 64, r=7, stride=2, padding=3),  # stem
@@ -113,76 +88,6 @@ ODD = [
     Conv(2, 32, 15, 15, 36, stride=2),  # stride 2, odd spatial, channels not a tile multiple
 ]
 CASES = RESNET50 + GROUPED + ODD
-
-
-def rand(*shape, dtype, scale=1.0, offset=0.0, channels_last=True):
-    t = (torch.randn(*shape, dtype=torch.float64, device=DEV) * scale + offset).to(dtype)
-    return t.contiguous(memory_format=CL) if channels_last and t.dim() == 4 else t
-
-
-def vec(k, positive=False):
-    v = torch.randn(k, dtype=torch.float64, device=DEV)
-    return (v.abs() + 0.5 if positive else v).float()
-
-
-def d64(t):
-    return None if t is None else t.detach().to(torch.float64)
-
-
-def conv_inputs(case: Conv, dtype):
-    x = rand(case.n, case.c, case.h, case.w, dtype=dtype)
-    fan_in = case.c // case.groups * case.r * case.r
-    w = rand(case.k, case.c // case.groups, case.r, case.r, dtype=dtype, scale=(2.0 / fan_in) ** 0.5)
-    return x, w
-
-
-def assert_rule(actual, expected, dtype, eager=None, what="output"):
-    """max |actual - expected| <= 2 * max |eager - expected| + FLOOR[dtype] * max(|expected|, 1)."""
-    assert tuple(actual.shape) == tuple(expected.shape), f"{what}: shape {tuple(actual.shape)}"
-    a, e = d64(actual), d64(expected)
-    if a.numel() == 0:
-        return
-    assert torch.isfinite(a).all(), f"{what}: non-finite values"
-    mag = max(e.abs().max().item(), 1.0)
-    err = (a - e).abs().max().item()
-    own = 0.0 if eager is None else (d64(eager) - e).abs().max().item()
-    bound = 2 * own + FLOOR[dtype] * mag
-    assert err <= bound, f"{what} [{dtype}]: error {err:.3e} > bound {bound:.3e} (eager {own:.3e}, mag {mag:.3e})"
-
-
-def assert_nhwc(t, what="output"):
-    assert t.is_cuda and t.is_contiguous(memory_format=CL), f"{what}: expected CUDA channels_last"
-
-
-def bc(v):
-    return v.view(1, -1, 1, 1)
-
-
-def eager_bn(t, scale, shift):
-    return (t.float() * bc(scale) + bc(shift)).to(t.dtype)
-
-
-def eager_conv_bn_act(x, w, scale, shift, residual, case, relu):
-    y = eager_bn(F.conv2d(x, w, None, *case.args), scale, shift)
-    if residual is not None:
-        y = y + residual
-    return torch.relu(y) if relu else y
-
-
-def eager_prologue(x, in_scale, in_shift, in_relu):
-    t = x
-    if in_scale is not None or in_shift is not None:
-        t = x.float()
-        t = t * bc(in_scale) if in_scale is not None else t
-        t = t + bc(in_shift) if in_shift is not None else t
-        t = t.to(x.dtype)
-    return torch.relu(t) if in_relu else t
-
-
-def stats_of(z):
-    z = z.to(torch.float64) if z.dtype == torch.float64 else z.float()
-    mean = z.mean(dim=(0, 2, 3))
-    return torch.stack([mean, ((z - bc(mean)) ** 2).sum(dim=(0, 2, 3))])
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,7 +297,7 @@ def test_bn_update_running_stats(running_dtype, momentum, with_nbt):
 def test_deterministic(dtype):
     case = RESNET50[1]
     x, w = conv_inputs(case, dtype)
-    s1, h1 = vec(case.c, True), vec(case.c)
+    s1, h1 = vec(case.c, positive=True), vec(case.c)
     z1, st1 = T().conv_stats(x, w, s1, h1, True, *case.args)
     z2, st2 = T().conv_stats(x, w, s1, h1, True, *case.args)
     assert torch.equal(z1, z2) and torch.equal(st1, st2)
@@ -429,7 +334,7 @@ def test_cuda_graph_training_step(momentum):
     """conv_stats + bn_update_running_stats captured once and replayed (no host sync inside)."""
     case = Conv(8, 64, 28, 28, 64)
     x, w = conv_inputs(case, torch.float16)
-    in_scale, in_shift = vec(case.c, True), vec(case.c)
+    in_scale, in_shift = vec(case.c, positive=True), vec(case.c)
     count = case.n * case.out_hw()[0] * case.out_hw()[1]
     rm, rv = torch.zeros(case.k, device=DEV), torch.ones(case.k, device=DEV)
     nbt = torch.zeros((), dtype=torch.int64, device=DEV)
@@ -479,7 +384,7 @@ def _block_inputs(dtype, n=4, c=64, k=128, h=28):
     x = rand(n, c, h, h, dtype=dtype)
     ws = [rand(c, c, 3, 3, dtype=dtype, scale=0.06), rand(k, c, 3, 3, dtype=dtype, scale=0.06),
           rand(k, c, 1, 1, dtype=dtype, scale=0.2)]
-    vs = [vec(c, True), vec(c), vec(k, True), vec(k), vec(k, True), vec(k)]
+    vs = [vec(c, positive=True), vec(c), vec(k, positive=True), vec(k), vec(k, positive=True), vec(k)]
     return [x, *ws, *vs]
 
 
