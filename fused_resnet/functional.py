@@ -153,11 +153,8 @@ def _autocast(*tensors):
     """
     out = []
     for t in tensors:
-        if (isinstance(t, Tensor) and t.device.type in ("cpu", "cuda") and t.is_floating_point()
-                and t.dtype != torch.float64 and torch.is_autocast_enabled(t.device.type)):
-            dtype = torch.get_autocast_dtype(t.device.type)
-            if t.dtype != dtype:
-                t = t.to(dtype)
+        if isinstance(t, Tensor) and t.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(t.device.type):
+            t = _ops.autocast_cast(t, t.device.type, torch.get_autocast_dtype(t.device.type))
         out.append(t)
     return out
 

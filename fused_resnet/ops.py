@@ -243,6 +243,15 @@ _backward_conv_bn_act, _backward_conv_stats, _backward_bn_add_act = make_backwar
 _AUTOCAST_ARGS = {"conv_bn_act": (0, 1, 4), "conv_stats": (0, 1), "bn_add_act": (0, 3)}
 
 
+def autocast_cast(t, device_type: str, dtype: torch.dtype):
+    """Autocast's rule for one activation argument: a floating tensor on ``device_type`` other
+    than float64 goes to ``dtype``; anything else (None, float64, another device) is returned as is."""
+    if (isinstance(t, Tensor) and t.is_floating_point() and t.dtype not in (torch.float64, dtype)
+            and t.device.type == device_type):
+        return t.to(dtype)
+    return t
+
+
 def _register_autocast(lib: torch.library.Library, name: str, positions: tuple[int, ...]) -> None:
     op = _op(name)
     for device_type, key_name in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
@@ -252,10 +261,7 @@ def _register_autocast(lib: torch.library.Library, name: str, positions: tuple[i
             dtype = torch.get_autocast_dtype(_device_type)
             args = list(args)
             for i in positions:
-                a = args[i]
-                if (isinstance(a, Tensor) and a.is_floating_point() and a.dtype not in (torch.float64, dtype)
-                        and a.device.type == _device_type):
-                    args[i] = a.to(dtype)
+                args[i] = autocast_cast(args[i], _device_type, dtype)
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
                 return op(*args)
 
