@@ -10,12 +10,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 CL = torch.channels_last
 DEV = "cuda"
 FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def no_tf32_seeded():
+    """float32 convs in full precision (cuDNN's TF32 default would dominate the error), fixed seed.
+
+    Autouse in every module that imports it. (Not a tests/gpu/conftest.py: a second module named
+    ``conftest`` would shadow tests/conftest.py for ``from conftest import ...``.)
+    """
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _acc(dtype):

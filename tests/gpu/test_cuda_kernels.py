@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gpu_common import (
+from gpu_common import (  # noqa: F401  (no_tf32_seeded: an autouse fixture)
     CL,
     DEV,
     Conv,
@@ -69,7 +69,7 @@ def ops():
     return torch.ops.fused_resnet
 
 
-# Inputs, eager baselines and the 2x rule: gpu_common.py; TF32 off + seeding: conftest.py.
+# Inputs, eager baselines and the 2x rule: gpu_common.py; TF32 off + seeding: its no_tf32_seeded fixture.
 RESNET50 = [
     Conv(8, 3, 224, 224, 64, r=7, stride=2, padding=3),  # stem
     Conv(8, 64, 56, 56, 64),  # conv2_x 3x3

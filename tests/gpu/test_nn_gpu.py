@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from gpu_common import no_tf32_seeded  # noqa: F401  (autouse fixture: TF32 off, fixed seed)
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import resnet as tv

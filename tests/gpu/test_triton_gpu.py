@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from gpu_common import (
+from gpu_common import (  # noqa: F401  (no_tf32_seeded: an autouse fixture)
     CL,
     DEV,
     Conv,
@@ -64,7 +64,7 @@ def T():
     return load_ops()
 
 
-# Inputs, eager baselines and the 2x rule: gpu_common.py; TF32 off + seeding: conftest.py.
+# Inputs, eager baselines and the 2x rule: gpu_common.py; TF32 off + seeding: its no_tf32_seeded fixture.
 
 RESNET50 = [
     Conv(4, 3, 224, 224, 64, r=7, stride=2, padding=3),  # stem
