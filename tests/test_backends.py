@@ -58,10 +58,22 @@ def test_unusable_backend_falls_back_and_says_why():
         _call("cuda")
 
 
-def test_triton_not_implemented_is_a_fallback_not_an_error():
+def test_triton_on_cpu_tensors_without_the_interpreter_falls_back():
+    """Without TRITON_INTERPRET=1 (this process) Triton cannot run CPU tensors: a warned fallback."""
+    if _interpreted():
+        pytest.skip("TRITON_INTERPRET is set in this process: Triton runs CPU tensors")
     backends._warned.clear()
-    with pytest.warns(backends.FallbackWarning, match="Triton backend is not implemented"):
+    why = "triton: .*(CPU tensors when TRITON_INTERPRET=1|triton does not import)"
+    with pytest.warns(backends.FallbackWarning, match=why):
         _call("triton")
+    d = backends.last_decision("conv_bn_act")
+    assert d.requested == "triton" and d.backend == ("cpu" if _ext.available() else "torch")
+
+
+def _interpreted():
+    from fused_resnet import triton as fr_triton
+
+    return fr_triton._env_interpret()
 
 
 def test_trace_collects_every_decision():

@@ -58,3 +58,159 @@ def test_dtype_reasons_on_cuda():
 def test_auto_order_puts_triton_second_on_cuda():
     assert backends._auto_order(torch.device("cuda")) == ("cuda", "triton", "torch")
     assert "triton" not in backends._auto_order(torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- packed-weight cache
+# fused_resnet.triton._pack does not import triton: these run in the main process.
+
+
+@pytest.fixture
+def pack_cache(monkeypatch):
+    from fused_resnet.triton import _pack
+
+    monkeypatch.setattr(_pack, "MAX_ENTRIES", 512)
+    _pack.clear()
+    yield _pack
+    _pack.clear()
+
+
+def _expected_pack(w, groups):
+    """Independent spelling of the packed layout: packed[g, r, s, c, k] = w[g * Kg + k, c, r, s]."""
+    k, cg, r, s = w.shape
+    kg = k // groups
+    out = torch.empty(groups, r, s, cg, kg, dtype=w.dtype)
+    for g in range(groups):
+        out[g] = w[g * kg:(g + 1) * kg].permute(2, 3, 1, 0)
+    return out
+
+
+def test_pack_cache_hit_miss_and_layout(pack_cache):
+    w = torch.randn(12, 2, 3, 3)
+    a = pack_cache.packed_weight(w, 3)
+    torch.testing.assert_close(a, _expected_pack(w, 3), rtol=0, atol=0)
+    assert a.is_contiguous()
+    b = pack_cache.packed_weight(w, 3)
+    assert b is a
+    info = pack_cache.cache_info()
+    assert (info["hits"], info["misses"], info["entries"]) == (1, 1, 1)
+    # The same storage packed for another number of groups is another entry.
+    c = pack_cache.packed_weight(w, 6)
+    torch.testing.assert_close(c, _expected_pack(w, 6), rtol=0, atol=0)
+    # So is the same storage read with other strides (a transposed view).
+    wt = w.transpose(2, 3)
+    torch.testing.assert_close(pack_cache.packed_weight(wt, 3), _expected_pack(wt, 3), rtol=0, atol=0)
+    assert pack_cache.cache_info()["entries"] == 3
+
+
+def test_pack_cache_sees_in_place_updates(pack_cache):
+    w = torch.randn(8, 4, 3, 3)
+    first = pack_cache.packed_weight(w, 1).clone()
+    w.add_(1)
+    second = pack_cache.packed_weight(w, 1)
+    torch.testing.assert_close(second, _expected_pack(w, 1), rtol=0, atol=0)
+    torch.testing.assert_close(second, first + 1, rtol=0, atol=0)
+    with torch.no_grad():  # an optimizer-style update of a parameter
+        p = torch.nn.Parameter(torch.randn(8, 4, 1, 1))
+        pack_cache.packed_weight(p, 1)
+        p.mul_(-2)
+    torch.testing.assert_close(pack_cache.packed_weight(p, 1), _expected_pack(p.detach(), 1), rtol=0, atol=0)
+    assert pack_cache.cache_info()["entries"] == 2  # replaced, not one entry per version
+
+
+def test_pack_cache_new_tensor_same_shape_and_freed_weights(pack_cache):
+    w1 = torch.randn(6, 5, 3, 3)
+    p1 = pack_cache.packed_weight(w1, 1)
+    w2 = torch.randn(6, 5, 3, 3)  # same shape, other values
+    p2 = pack_cache.packed_weight(w2, 1)
+    torch.testing.assert_close(p2, _expected_pack(w2, 1), rtol=0, atol=0)
+    assert not torch.equal(p1, p2)
+    assert pack_cache.cache_info()["entries"] == 2
+    del w1, w2, p1, p2
+    assert pack_cache.cache_info()["entries"] == 0  # swept when the weights died
+    # A freed weight's address reused by a new tensor (same shape, version 0) must not hit.
+    for _ in range(20):
+        w = torch.randn(4, 4, 3, 3)
+        torch.testing.assert_close(pack_cache.packed_weight(w, 1), _expected_pack(w, 1), rtol=0, atol=0)
+        del w
+
+
+def test_pack_cache_is_bounded(pack_cache, monkeypatch):
+    monkeypatch.setattr(pack_cache, "MAX_ENTRIES", 4)
+    keep = [torch.randn(3, 2, 3, 3) for _ in range(10)]
+    for w in keep:
+        pack_cache.packed_weight(w, 1)
+        assert pack_cache.cache_info()["entries"] <= 4
+    info = pack_cache.cache_info()
+    assert info["entries"] == 4 and info["evictions"] == 6
+    # least recently used went first: the last four are hits, the first is a miss
+    for w in keep[-4:]:
+        pack_cache.packed_weight(w, 1)
+    assert pack_cache.cache_info()["hits"] == 4
+    pack_cache.packed_weight(keep[0], 1)
+    assert pack_cache.cache_info()["misses"] == 11
+    monkeypatch.setattr(pack_cache, "MAX_ENTRIES", 0)
+    assert "disabled" in pack_cache.bypass_reason(keep[1])
+
+
+def test_pack_cache_bypasses(pack_cache):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w = torch.randn(4, 4, 3, 3)
+    assert pack_cache.bypass_reason(w) is None
+    with torch.inference_mode():
+        wi = torch.randn(4, 4, 3, 3)
+    assert "inference tensor" in pack_cache.bypass_reason(wi)
+    torch.testing.assert_close(pack_cache.packed_weight(wi, 1), _expected_pack(wi, 1), rtol=0, atol=0)
+    assert "empty" in pack_cache.bypass_reason(torch.empty(0, 4, 3, 3))
+    with FakeTensorMode() as mode:
+        wf = mode.from_tensor(w)
+        assert pack_cache.bypass_reason(wf) is not None
+        assert pack_cache.packed_weight(wf, 1).shape == (1, 3, 3, 4, 4)
+    assert pack_cache.cache_info()["entries"] == 0 and pack_cache.cache_info()["bypassed"] == 2
+
+
+def test_pack_cache_is_traced_not_baked_in(pack_cache):
+    """Under make_fx (the tracing torch.compile/export use) a cached weight would become a
+    constant of the graph: the packing must appear as ops on the graph's input instead."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    w = torch.randn(8, 4, 3, 3)
+    pack_cache.packed_weight(w, 1)  # cached
+    gm = make_fx(lambda t: pack_cache.packed_weight(t, 1))(w)
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert any("permute" in t for t in targets), targets
+    assert not [n for n in gm.graph.nodes if n.op == "get_attr"]
+    w2 = torch.randn(8, 4, 3, 3)
+    torch.testing.assert_close(gm(w2), _expected_pack(w2, 1), rtol=0, atol=0)
+
+
+def test_pack_cache_threads(pack_cache, monkeypatch):
+    import concurrent.futures
+
+    monkeypatch.setattr(pack_cache, "MAX_ENTRIES", 16)
+    shared = [torch.randn(8, 4, 3, 3) for _ in range(4)]
+    expected_shared = [_expected_pack(w, 2) for w in shared]
+
+    def work(seed):
+        g = torch.Generator().manual_seed(seed)
+        own = torch.randn(6, 3, 3, 3, generator=g)
+        for i in range(200):
+            j = i % 4
+            got = pack_cache.packed_weight(shared[j], 2)
+            if not torch.equal(got, expected_shared[j]):
+                return f"shared weight {j} wrong at step {i}"
+            if i % 10 == 0:
+                own.add_(1)  # private weight updated in place: must be repacked
+                tmp = torch.randn(5, 2, 1, 1, generator=g)  # short-lived weights churn the cache
+                if not torch.equal(pack_cache.packed_weight(tmp, 1), _expected_pack(tmp, 1)):
+                    return f"temporary weight wrong at step {i}"
+            if not torch.equal(pack_cache.packed_weight(own, 3), _expected_pack(own, 3)):
+                return f"own weight stale at step {i}"
+            if pack_cache.cache_info()["entries"] > 16:
+                return "cache grew past its bound"
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        errors = [e for e in pool.map(work, range(8)) if e]
+    assert not errors, errors
+    assert pack_cache.cache_info()["hits"] > 0

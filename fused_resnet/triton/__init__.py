@@ -28,8 +28,11 @@ Decisions:
   times, so no tuned kernel accumulates anything: statistics are per-16-row partials written to
   fixed slots (identical for every config) and reduced by a separate kernel; running
   statistics are updated by their own op.
-* Weights are re-packed to ``(groups, R, S, C/groups, K/groups)`` on every call (one small copy;
-  not cached yet).
+* Weights are packed to ``(groups, R, S, C/groups, K/groups)`` once and the packed copy is
+  cached while the weight is unchanged (``_version``), alive and not being traced
+  (:mod:`._pack` documents the key, the bound, the locking and the bypasses).
+* Autocast (CPU/CUDA) casts the activation arguments of ``conv_bn_act``, ``conv_stats`` and
+  ``bn_add_act`` exactly as for the compiled ops (:mod:`.ops`).
 * ``auto`` backend order on CUDA is ``cuda``, ``triton``, ``torch`` until GPU measurements exist.
 
 Nothing here is imported by ``import fused_resnet``: :func:`unsupported_reason` imports triton

@@ -42,6 +42,7 @@ import triton.language as tl
 
 from . import interpret_mode
 from ._launch import launch
+from ._pack import pack_weight, packed_weight  # noqa: F401  (pack_weight: re-exported)
 
 STAT_ROWS = 16  # rows per statistics partial; every BLOCK_M is a multiple of it
 
@@ -255,12 +256,6 @@ def out_hw(h, w, r, s, stride, padding, dilation):
     return p, q
 
 
-def pack_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """(K, Cg, R, S) -> (groups, R, S, Cg, Kg) contiguous: the kernel's B operand, Kg fastest."""
-    k, cg, r, s = weight.shape
-    return weight.reshape(groups, k // groups, cg, r, s).permute(0, 3, 4, 2, 1).contiguous()
-
-
 def _input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
         return "tf32"
@@ -279,7 +274,7 @@ def launch_conv(x, weight, stride, padding, dilation, groups, *, in_scale=None, 
     p, q = out_hw(h, w, r, s, stride, padding, dilation)
     cl = torch.channels_last
     x = x.contiguous(memory_format=cl)
-    wp = pack_weight(weight, groups)
+    wp = packed_weight(weight, groups)  # cached while the weight is unchanged (see _pack)
     out = torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=cl)
     m = n * p * q
     kg = k // groups

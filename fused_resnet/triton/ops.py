@@ -17,8 +17,15 @@ step calls the Triton ops: convolution gradients through ``aten.convolution_back
 ReLU-mask + BN backward through ``bn_add_act_backward`` (one pass), the prologue input and the
 pre-activation convolution recomputed instead of stored. Double backward is not supported.
 
-Autocast is not registered for these ops; the functional API casts nothing either (call them
-with matching dtypes, as :mod:`fused_resnet.functional` validates).
+Autocast (CPU and CUDA): under ``torch.autocast`` the activation arguments -- ``x``, ``weight``,
+``residual`` of ``conv_bn_act``; ``x``, ``weight`` of ``conv_stats``; ``z``, ``residual`` of
+``bn_add_act`` (the positions of ``fused_resnet.ops._AUTOCAST_ARGS``) -- are cast to the autocast
+dtype by the same rule as the compiled ops (:func:`fused_resnet.ops.autocast_cast`: floating,
+not float64, on the autocast device), and the op then runs with autocast off; per-channel
+vectors stay float32 and the other ops cast nothing, exactly as for ``fused_resnet::*``.
+Decision: a hand-written kernel per op rather than ``CustomOpDef.register_autocast``, which
+casts *every* floating input (it would turn the float32 scale/shift into float16). The same
+function is also registered with ``py_impl`` so ``torch.compile`` tracing sees the same rule.
 """
 
 from __future__ import annotations
@@ -215,3 +222,36 @@ def _register_autograd():
 
 
 _register_autograd()
+
+
+# ----------------------------------------------------------------------------- autocast
+
+_autocast_lib: torch.library.Library | None = None
+
+
+def _register_autocast() -> None:
+    """Autocast kernels for the AutocastCPU and AutocastCUDA keys (see the module docstring)."""
+    global _autocast_lib
+    if _autocast_lib is not None:
+        return
+    _autocast_lib = torch.library.Library(NS, "IMPL")
+    for name, positions in _cops._AUTOCAST_ARGS.items():
+        op = getattr(_t(), name).default
+        for device_type, key_name in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+            key = getattr(torch._C.DispatchKey, key_name)
+
+            def impl(*args, _op=op, _positions=positions, _device_type=device_type, _key=key):
+                dtype = torch.get_autocast_dtype(_device_type)
+                args = list(args)
+                for i in _positions:
+                    args[i] = _cops.autocast_cast(args[i], _device_type, dtype)
+                with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                    return _op(*args)
+
+            if op.has_kernel_for_dispatch_key(key):
+                op.py_kernels.pop(key, None)
+            op.py_impl(key)(impl)
+            _autocast_lib.impl(name, lambda _keyset, *args, _impl=impl: _impl(*args), key_name, with_keyset=True)
+
+
+_register_autocast()
