@@ -152,8 +152,10 @@ class _CachedFold(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, bias, conv_bias, cache):
-        scale, shift, invstd, mean_eff = cache._value
+    def forward(ctx, weight, bias, conv_bias, value):
+        # ``value`` is the fold the caller looked up, passed in rather than re-read from the cache:
+        # another thread may have replaced the cache's entry in between (see FoldCache).
+        scale, shift, invstd, mean_eff = value
         ctx.fold = (scale, invstd, mean_eff)
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, conv_bias))
         return scale.detach(), shift.detach()
@@ -181,21 +183,35 @@ class FoldCache:
     The key holds, for every input of the fold (running mean/var, BN weight/bias, conv bias):
     ``id``, ``_version`` (bumped by in-place edits, ``load_state_dict``'s ``copy_``, optimizer
     steps), ``data_ptr``, device, dtype and shape (changed by ``.to()``, ``.half()``, ``.data =``),
-    plus eps, the target dtype and whether inference mode is on (an inference-mode tensor must not
-    reach a call that saves it for backward). Any change recomputes.
+    plus eps and the target dtype. Any change recomputes.
+
+    Inference mode: a fold computed under ``torch.inference_mode`` is made of inference tensors,
+    which must never reach a call that records gradients: the cache keeps one entry for folds made
+    in inference mode and one for the rest, so threads or callers that alternate between the two
+    do not evict each other.
 
     The cache holds detached tensors only (a cached autograd graph would be freed by the first
     ``backward``). When gradients must reach BN's weight/bias or a conv bias (grad mode on and one
     of them requires grad, e.g. fine-tuning with BN in eval), :class:`_CachedFold` hands the cached
     values out with their analytic gradient, so no per-call arithmetic runs in either case: an
     eval-mode unit is its one fused op (plus ``detach`` aliases when gradients are recorded).
+
+    Thread safety (lock-free): an entry is one immutable ``(key, value)`` tuple, published by a
+    single attribute store and read once per call into a local, so a call always uses a value that
+    belongs to the key it checked -- never one thread's key with another thread's value, and never
+    a fold made in another grad/inference mode. Two threads that miss at once both compute the fold
+    and the last store wins (both are correct). Versions are bumped by PyTorch after an in-place
+    write completes, so a fold computed from a key is never older than that key: every call that
+    starts after an in-place update has finished sees the update. A call that overlaps the update
+    reads tensors while they are being written -- a data race in PyTorch itself, as with plain
+    modules -- and gets an unspecified mix (the next call recomputes, because the version moved).
     """
 
-    __slots__ = ("_key", "_value")
+    __slots__ = ("_entry", "_entry_inference")
 
     def __init__(self) -> None:
-        self._key = None
-        self._value = None
+        self._entry = None  # (key, (scale, shift, invstd, mean_eff)) outside inference mode
+        self._entry_inference = None  # the same, computed under inference mode
 
     def get(self, bn: nn.Module, conv_bias: Tensor | None, acc: torch.dtype) -> tuple[Tensor, Tensor]:
         inputs = (bn.running_mean, bn.running_var, bn.weight, bn.bias, conv_bias)
@@ -203,17 +219,23 @@ class FoldCache:
             # Under torch.compile the fold is part of the traced graph (the compiler hoists and
             # fuses it); the Python-side cache (ids, versions, inference mode) is not traceable.
             return _fold_graph(bn, conv_bias, acc)
-        key = (acc, float(bn.eps), torch.is_inference_mode_enabled()) + tuple(_key(t) for t in inputs)
-        if key != self._key:
+        inference = torch.is_inference_mode_enabled()
+        key = (acc, float(bn.eps)) + tuple(_key(t) for t in inputs)
+        entry = self._entry_inference if inference else self._entry  # one read: key and value together
+        if entry is None or entry[0] != key:
             with torch.no_grad():
-                value = _fold(bn, conv_bias, acc)
-            self._key, self._value = key, value
+                entry = (key, _fold(bn, conv_bias, acc))
+            if inference:
+                self._entry_inference = entry
+            else:
+                self._entry = entry
+        value = entry[1]
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[2:]):
-            return _CachedFold.apply(bn.weight, bn.bias, conv_bias, self)
-        return self._value[0], self._value[1]
+            return _CachedFold.apply(bn.weight, bn.bias, conv_bias, value)
+        return value[0], value[1]
 
     def clear(self) -> None:
-        self._key = self._value = None
+        self._entry = self._entry_inference = None
 
     def __reduce__(self):  # caches are not state: a copy or a pickle starts empty
         return (FoldCache, ())
