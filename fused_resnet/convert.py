@@ -31,14 +31,21 @@ What is fused
   triples among them. Each becomes one :class:`fused_resnet.nn.ConvBNAct` call (see "state_dict
   keys" for how).
 
+``nn.SyncBatchNorm`` is fused like ``BatchNorm2d`` (blocks and stems): in training, the fused ops
+merge its batch statistics across its process group between ``conv_stats`` and ``bn_finalize``
+(:func:`fused_resnet.distributed.sync_stats`), as ``nn.SyncBatchNorm`` does; without an
+initialized process group (or with a group of one) it is an ordinary BatchNorm, as in PyTorch.
+Unlike ``nn.SyncBatchNorm`` it also runs on CPU tensors (gloo). The report's reason says which
+units synchronize.
+
 Everything else is left as it is. A candidate that cannot be fused is **skipped** and the report
-says why: a norm layer that is not ``BatchNorm2d`` / ``torchvision.ops.FrozenBatchNorm2d``
-(GroupNorm, timm's own FrozenBatchNorm2d, ...), ``SyncBatchNorm`` (its training statistics are
-reduced across processes, which the fused ops do not do), a conv/norm/activation subclass with its
-own ``forward`` (weight standardisation, ...), an activation other than ``nn.ReLU``, timm's extra
-features, a block class whose ``forward`` is overridden, a module object registered at two places
-(fusing it would change the other use too), a ``padding_mode`` other than ``"zeros"``, or
-whatever ``from_module`` itself refuses (its ``ValueError`` text is the reason).
+says why: a norm layer that is not ``BatchNorm2d`` / ``SyncBatchNorm`` /
+``torchvision.ops.FrozenBatchNorm2d`` (GroupNorm, timm's own FrozenBatchNorm2d, ...), a
+conv/norm/activation subclass with its own ``forward`` (weight standardisation, ...), an activation
+other than ``nn.ReLU``, timm's extra features, a block class whose ``forward`` is overridden, a
+module object registered at two places (fusing it would change the other use too), a
+``padding_mode`` other than ``"zeros"``, or whatever ``from_module`` itself refuses (its
+``ValueError`` text is the reason).
 
 Results and the report
 ----------------------
@@ -62,23 +69,24 @@ Decisions
   unknown name raises ``ValueError`` before anything is changed.
 * **state_dict keys unchanged.** Blocks: adoption (above). Stems / chains: the modules stay where
   they are and keep their parameters and buffers; only their behaviour changes. The conv's class
-  becomes :class:`FusedConv2d` (an ``nn.Conv2d`` subclass whose forward runs the whole
-  conv -> BN -> ReLU as one :class:`fused_resnet.nn.ConvBNAct` built over the same conv and BN
-  objects); the BN's class becomes :class:`FoldedBatchNorm2d` / :class:`FoldedFrozenBatchNorm2d`
-  (still a ``BatchNorm2d`` / ``FrozenBatchNorm2d``, holding its weight, bias and running statistics
-  exactly as before, but its forward returns its input because the conv already applied it); the
-  ReLU's slot holds a :class:`FoldedReLU` (an ``nn.Identity`` that remembers the original object).
-  Hence ``fused.load_state_dict(original.state_dict(), strict=True)`` and the reverse work, the
-  ResNet's own ``forward`` is still the one that runs, ``model.train()/eval()/.to()/.half()`` reach
-  every tensor as before, and ``for m in model.modules(): if isinstance(m, nn.BatchNorm2d): m.eval()``
+  becomes :class:`FusedConv2d` (an ``nn.Conv2d`` subclass whose forward runs the whole conv -> BN ->
+  ReLU as one :class:`fused_resnet.nn.ConvBNAct` built over the same conv and BN objects); the BN's
+  class becomes :class:`FoldedBatchNorm2d` / :class:`FoldedSyncBatchNorm` /
+  :class:`FoldedFrozenBatchNorm2d` (still a ``BatchNorm2d`` / ``SyncBatchNorm`` /
+  ``FrozenBatchNorm2d``, holding its weight, bias and running statistics exactly as before, but its
+  forward returns its input because the conv already applied it); the ReLU's slot holds a
+  :class:`FoldedReLU` (an ``nn.Identity`` that remembers the original object). Hence
+  ``fused.load_state_dict(original.state_dict(), strict=True)`` and the reverse work, the ResNet's
+  own ``forward`` is still the one that runs, ``model.train()/eval()/.to()/.half()`` reach every
+  tensor as before, and ``for m in model.modules(): if isinstance(m, nn.BatchNorm2d): m.eval()``
   still freezes that BN's statistics (the :class:`~fused_resnet.nn.ConvBNAct` is deliberately not a
-  registered submodule -- that would add keys -- so :class:`FusedConv2d` copies its own
-  ``training`` flag to it at each call and leaves the BN's flag to the user). Class swapping is how
+  registered submodule -- that would add keys -- so :class:`FusedConv2d` copies its own ``training``
+  flag to it at each call and leaves the BN's flag to the user). Class swapping is how
   ``torch.nn.utils.parametrize`` changes a module's behaviour in place, too. Only the exact classes
-  ``nn.Conv2d`` and ``nn.BatchNorm2d`` / ``FrozenBatchNorm2d`` are swapped: a subclass (e.g. a conv
-  with a parametrized weight, whose class is a generated subclass) is skipped with that reason, as
-  swapping its class would lose its behaviour. (Blocks are adopted, not swapped, so their
-  convs/BNs may be subclasses that keep the base forward.)
+  ``nn.Conv2d`` and ``nn.BatchNorm2d`` / ``nn.SyncBatchNorm`` / ``FrozenBatchNorm2d`` are swapped: a
+  subclass (e.g. a conv with a parametrized weight, whose class is a generated subclass) is skipped
+  with that reason, as swapping its class would lose its behaviour. (Blocks are adopted, not
+  swapped, so their convs/BNs may be subclasses that keep the base forward.)
 * **Train and eval.** Fused modules run the batch-statistics path in ``train()`` (updating the
   adopted BN's running statistics exactly like ``nn.BatchNorm2d``) and the folded single-launch path
   in ``eval()``; gradients reach every adopted parameter.
@@ -91,8 +99,19 @@ Decisions
   classes back and the original ReLU object its slot. Modules that ``fuse`` did not create (e.g. the
   blocks of :mod:`fused_resnet.models`) are left as they are. Weights are never copied, so they are
   exactly those of the fused model.
-* Hooks registered on a replaced block stay on the original block object (they run again after
-  ``unfuse``); hooks on a stem's BN see its input unchanged (the BN is a no-op there).
+* **Hooks.** A replaced block's hooks (forward, forward-pre, backward, state_dict and
+  load_state_dict hooks, registered on the block object itself) are carried over to the fused
+  block: it *shares* the original's hook dictionaries, so the handles the user holds still remove
+  them, hooks run with the fused block as ``module`` argument, and after ``unfuse`` they are on the
+  original again. The same holds for a stem's ReLU and its :class:`FoldedReLU` (whose input is
+  already the ReLU's output). A stem's conv and BN keep their hooks (same objects), but their
+  meaning changes: a hook on the conv sees the whole conv+BN+ReLU output, a hook on the BN sees
+  its input unchanged (the BN is a no-op there). The report's reason names carried and changed
+  hooks.
+* **convert_sync_batchnorm after fuse.** :func:`fused_resnet.nn.convert_sync_batchnorm` converts
+  a fused model too: blocks' adopted BNs become ``SyncBatchNorm``, a stem's
+  :class:`FoldedBatchNorm2d` becomes a :class:`FoldedSyncBatchNorm` (same parameters), and the
+  stem's fused op switches to it; ``unfuse`` then gives plain ``SyncBatchNorm`` back.
 """
 
 from __future__ import annotations
@@ -117,9 +136,11 @@ __all__ = [
     "FusionEntry",
     "FusedConv2d",
     "FoldedBatchNorm2d",
+    "FoldedSyncBatchNorm",
     "FoldedReLU",
 ]
 
+_SYNC_NOTE = "SyncBatchNorm: batch statistics synchronized across its process group (sync_stats)"
 _ORIGINAL = "_fused_resnet_original"  # fused block -> the block object it replaced (not registered)
 _STEM = "_fused_resnet_stem"  # FusedConv2d -> _StemState (not registered)
 
@@ -265,6 +286,18 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
         return super().extra_repr() + ", applied by the preceding FusedConv2d"
 
 
+class FoldedSyncBatchNorm(nn.SyncBatchNorm):
+    """An ``nn.SyncBatchNorm`` whose normalisation (with statistics synchronized across its process
+    group in training) is applied by the preceding :class:`FusedConv2d`; same parameters, buffers
+    and state_dict keys; its own forward returns the input unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", applied by the preceding FusedConv2d"
+
+
 _FOLDED_FROZEN: type | None = None
 
 
@@ -367,7 +400,9 @@ def _conv_problem(name: str, conv) -> str | None:
 def _norm_problem(name: str, bn) -> str | None:
     frozen = _frozen_bn_class()
     if isinstance(bn, nn.SyncBatchNorm):
-        return f"{name} is SyncBatchNorm (training statistics reduced across processes), not fused"
+        if type(bn) is not nn.SyncBatchNorm and _overrides(bn, nn.SyncBatchNorm):
+            return f"{name} is {type(bn).__name__}, a SyncBatchNorm subclass with its own forward"
+        return None
     if isinstance(bn, nn.BatchNorm2d):
         if type(bn) is not nn.BatchNorm2d and _overrides(bn, nn.BatchNorm2d):
             return f"{name} is {type(bn).__name__}, a BatchNorm2d subclass with its own forward"
@@ -376,13 +411,38 @@ def _norm_problem(name: str, bn) -> str | None:
         if type(bn) is not frozen and _overrides(bn, frozen):
             return f"{name} is {type(bn).__name__}, a FrozenBatchNorm2d subclass with its own forward"
         return None
-    return f"{name} is {_cls_path(bn)}, not nn.BatchNorm2d or torchvision.ops.FrozenBatchNorm2d"
+    return f"{name} is {_cls_path(bn)}, not nn.BatchNorm2d, nn.SyncBatchNorm or torchvision.ops.FrozenBatchNorm2d"
 
 
 def _act_problem(name: str, act) -> str | None:
     if type(act) is not nn.ReLU:
         return f"{name} is {type(act).__name__}, not nn.ReLU"
     return None
+
+
+# The hook registries of an nn.Module that count as "hooks on this module" in the report (the
+# *_with_kwargs / *_always_called companions hold flags for the same hook ids).
+_HOOK_KINDS = (("_forward_pre_hooks", "forward-pre"), ("_forward_hooks", "forward"),
+               ("_backward_pre_hooks", "backward-pre"), ("_backward_hooks", "backward"),
+               ("_state_dict_pre_hooks", "state_dict-pre"), ("_state_dict_hooks", "state_dict"),
+               ("_load_state_dict_pre_hooks", "load_state_dict-pre"),
+               ("_load_state_dict_post_hooks", "load_state_dict-post"))
+
+
+def _hooks_of(m: nn.Module) -> str:
+    """``"2 forward, 1 forward-pre"``: the hooks registered on ``m`` itself ("" if none)."""
+    parts = [f"{len(d)} {kind}" for attr, kind in _HOOK_KINDS if (d := getattr(m, attr, None))]
+    return ", ".join(parts)
+
+
+def _share_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Make ``dst`` use ``src``'s hook registries (the same dict objects, not copies): its hooks run
+    on ``dst``, and the ``RemovableHandle`` s the user holds (weak references to those dicts) still
+    remove them. Every ``nn.Module`` attribute whose name contains "hook" is shared, so registries
+    added by newer torch versions come along too."""
+    for name, value in vars(src).items():
+        if "hook" in name:
+            dst.__dict__[name] = value
 
 
 def _absent(m) -> bool:
@@ -472,7 +532,11 @@ class _Fuser:
             return None
         fused.__dict__[_ORIGINAL] = block
         fused.training = block.training
-        self.add(name, _cls_path(block), "fused", self._block_reason(block), _cls_path(fused))
+        reason = self._block_reason(block)
+        if hooks := _hooks_of(block):
+            reason += f"; hooks carried over to the fused block ({hooks})"
+        _share_hooks(block, fused)
+        self.add(name, _cls_path(block), "fused", reason, _cls_path(fused))
         return fused
 
     @staticmethod
@@ -487,6 +551,10 @@ class _Fuser:
             short = f"projection shortcut conv+BN fused{pre}"
         else:
             short = f"downsample {type(ds).__name__} runs unfused, added as the residual"
+        norms = [getattr(block, f"bn{i}", None) for i in (1, 2, 3)]
+        norms += list(ds) if isinstance(ds, nn.Sequential) else []
+        if any(isinstance(m, nn.SyncBatchNorm) for m in norms):
+            short += "; " + _SYNC_NOTE
         return short
 
     # -- conv -> bn -> relu
@@ -508,9 +576,9 @@ class _Fuser:
             if type(conv) is not nn.Conv2d:
                 problems.append(f"{names[0]} is {type(conv).__name__}, a subclass of nn.Conv2d (e.g. parametrized); "
                                 "only an exact nn.Conv2d is fused in place")
-            if type(bn) is not nn.BatchNorm2d and (frozen is None or type(bn) is not frozen):
-                problems.append(f"{names[1]} is {type(bn).__name__}, a subclass; only an exact nn.BatchNorm2d or "
-                                "FrozenBatchNorm2d is fused in place")
+            if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm) and (frozen is None or type(bn) is not frozen):
+                problems.append(f"{names[1]} is {type(bn).__name__}, a subclass; only an exact nn.BatchNorm2d, "
+                                "nn.SyncBatchNorm or FrozenBatchNorm2d is fused in place")
         problems += [f"{n} is also registered elsewhere in the model"
                      for n, m in zip(names, mods, strict=True) if self.uses.get(id(m), 1) > 1]
         if problems:
@@ -525,16 +593,32 @@ class _Fuser:
             return False
         frozen = _frozen_bn_class()
         bn_class = type(bn)
-        folded = _folded_frozen_class() if frozen is not None and isinstance(bn, frozen) else FoldedBatchNorm2d
+        if frozen is not None and isinstance(bn, frozen):
+            folded = _folded_frozen_class()
+        elif isinstance(bn, nn.SyncBatchNorm):
+            folded = FoldedSyncBatchNorm
+        else:
+            folded = FoldedBatchNorm2d
+        notes = []
+        if isinstance(bn, nn.SyncBatchNorm):
+            notes.append(_SYNC_NOTE)
+        if hooks := _hooks_of(conv):
+            notes.append(f"hooks on {names[0]} ({hooks}) now see the fused conv+BN{'+ReLU' if relu else ''} output")
+        if hooks := _hooks_of(bn):
+            notes.append(f"hooks on {names[1]} ({hooks}) see its input unchanged (the BN is applied by the conv)")
         conv.__dict__[_STEM] = _StemState(op, bn, bn_class, names[1], names[2] if relu else None)
         conv.__dict__[_ORIGINAL] = type(conv)
         object.__setattr__(conv, "__class__", FusedConv2d)
         object.__setattr__(bn, "__class__", folded)
         if relu:
             parent, attr = slots[2]
-            setattr(parent, attr, FoldedReLU(act))
-        self.add(label, original, "fused", "conv+BN+ReLU as one ConvBNAct" if relu else "conv+BN as one ConvBNAct",
-                 _cls_path(op))
+            folded_relu = FoldedReLU(act)
+            if hooks := _hooks_of(act):
+                notes.append(f"hooks on {names[2]} ({hooks}) carried over to its FoldedReLU (input: the ReLU's output)")
+            _share_hooks(act, folded_relu)
+            setattr(parent, attr, folded_relu)
+        reason = "conv+BN+ReLU as one ConvBNAct" if relu else "conv+BN as one ConvBNAct"
+        self.add(label, original, "fused", "; ".join([reason, *notes]), _cls_path(op))
         self.done.update(id(m) for m in mods)
         return True
 
@@ -546,7 +630,7 @@ class _Fuser:
         i = 0
         while i + 2 < len(keys):
             c, b, a = (seq._modules[k] for k in keys[i:i + 3])
-            norm_like = isinstance(b, (nn.BatchNorm2d,)) or (
+            norm_like = isinstance(b, (nn.BatchNorm2d, nn.SyncBatchNorm)) or (
                 _frozen_bn_class() is not None and isinstance(b, _frozen_bn_class()))
             if isinstance(c, nn.Conv2d) and norm_like and isinstance(a, nn.ReLU) and not isinstance(c, FusedConv2d):
                 names = [_join(prefix, k) for k in keys[i:i + 3]]
@@ -682,6 +766,20 @@ def fuse(model: nn.Module, inplace: bool = False, backend: str | None = None) ->
             fuser.report.notes.append(f"backend {backend!r} cannot run this model ({why}); its calls will fall "
                                       f"back to another backend with a FallbackWarning")
     return FuseResult(model, fuser.report)
+
+
+def _stem_bns(model: nn.Module) -> dict[int, FusedConv2d]:
+    """``{id(bn): conv}`` for every :class:`FusedConv2d` in ``model`` and the BN it applies."""
+    return {id(m.__dict__[_STEM].bn): m for m in model.modules() if isinstance(m, FusedConv2d)}
+
+
+def _rebind_stem_bn(conv: FusedConv2d, bn: nn.Module, bn_class: type) -> None:
+    """Point a fused stem at a new BN object (already in the old one's slot; class swapped to its
+    Folded* class by the caller); ``bn_class`` is what :func:`unfuse` restores."""
+    st: _StemState = conv.__dict__[_STEM]
+    st.op.bn = bn
+    st.op._fold_cache.clear()
+    st.bn, st.bn_class = bn, bn_class
 
 
 # ----------------------------------------------------------------------------- unfuse

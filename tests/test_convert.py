@@ -20,7 +20,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import fused_resnet.nn as fnn
 from fused_resnet import backends
-from fused_resnet.convert import FoldedBatchNorm2d, FoldedReLU, FusedConv2d, fuse, unfuse
+from fused_resnet.convert import FoldedBatchNorm2d, FoldedReLU, FoldedSyncBatchNorm, FusedConv2d, fuse, unfuse
 
 timm = pytest.importorskip("timm")
 
@@ -35,7 +35,7 @@ def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+            if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
@@ -527,3 +527,134 @@ def test_bad_input():
     assert type(model.layer1[0]) is tv.BasicBlock  # nothing changed before the error
     with pytest.raises(TypeError, match="inplace: expected a bool"):
         fuse(model, inplace="yes")
+
+
+# ----------------------------------------------------------------------------- SyncBatchNorm and hooks
+
+
+def small_basic_resnet() -> tv.ResNet:
+    """torchvision's ResNet-18 family with one BasicBlock per stage (same block configurations)."""
+    return tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=10)
+
+
+def test_sync_batchnorm_model_is_fused_and_reported(x32):
+    """A model converted with torch's own nn.SyncBatchNorm.convert_sync_batchnorm: every block and
+    the stem fuse, the report says the statistics are synchronized, and without a process group
+    the fused model equals the original (nn.SyncBatchNorm is then a plain BatchNorm) in eval and in
+    a training step (outputs, every gradient, running statistics)."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.SyncBatchNorm.convert_sync_batchnorm(small_basic_resnet()))
+    fused, report = fuse(model)
+    assert report.counts == {"fused": 5, "skipped": 0}
+    for e in report.entries:
+        assert "SyncBatchNorm: batch statistics synchronized" in e.reason, e
+    assert isinstance(fused.conv1, FusedConv2d) and type(fused.bn1) is FoldedSyncBatchNorm
+    assert type(fused.layer2[0].bn1) is nn.SyncBatchNorm and type(fused.layer2[0].downsample[1]) is nn.SyncBatchNorm
+    assert_state_equal(fused, model)
+    check_model(model, fused, x32)
+
+    back = unfuse(fused)
+    assert module_types(back) == module_types(model) and type(back.bn1) is nn.SyncBatchNorm
+    assert_state_equal(back, fused)
+
+
+def test_sync_batchnorm_subclass_with_own_forward_is_skipped():
+    class MySync(nn.SyncBatchNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    block = tv.BasicBlock(8, 8, norm_layer=MySync)
+    _, report = fuse(nn.Sequential(block))
+    assert report["0"].action == "skipped"
+    assert "bn1 is MySync, a SyncBatchNorm subclass with its own forward" in report["0"].reason
+
+
+def test_convert_sync_batchnorm_after_fuse(x32):
+    """fuse() first, then fused_resnet.nn.convert_sync_batchnorm: the folded stem BN becomes a
+    FoldedSyncBatchNorm that the stem's fused op uses, the blocks' BNs become SyncBatchNorm, no
+    parameter is copied, the model still equals the original, and unfuse gives SyncBatchNorm back."""
+    torch.manual_seed(0)
+    model = randomize_bn(small_basic_resnet())
+    fused, _ = fuse(model)
+    params = {id(p) for p in fused.parameters()}
+    fused.layer1.eval()  # a BN frozen by the user keeps its flag
+    out = fnn.convert_sync_batchnorm(fused)
+    assert out is fused and {id(p) for p in fused.parameters()} == params
+    assert type(fused.bn1) is FoldedSyncBatchNorm and type(fused.layer3[0].bn2) is nn.SyncBatchNorm
+    assert fused.conv1.__dict__["_fused_resnet_stem"].op.bn is fused.bn1
+    assert not fused.layer1[0].bn1.training and fused.layer2[0].bn1.training
+    assert not any(type(m) in (nn.BatchNorm2d, FoldedBatchNorm2d) for m in fused.modules())
+    assert_state_equal(fused, model)
+    fused.train()
+    check_model(model, fused, x32)
+
+    back = unfuse(fused)
+    assert type(back.conv1) is nn.Conv2d and type(back.bn1) is nn.SyncBatchNorm
+    assert type(back.layer1[0]) is tv.BasicBlock and type(back.layer1[0].bn1) is nn.SyncBatchNorm
+    assert_state_equal(back, fused)
+    model.eval()
+    back.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x32), model(x32), rtol=1e-5, atol=1e-5)
+
+
+def test_convert_sync_batchnorm_refuses_a_folded_bn_without_its_conv():
+    fused, _ = fuse(small_basic_resnet())
+    with pytest.raises(ValueError, match="FoldedBatchNorm2d .* together with its FusedConv2d"):
+        fnn.convert_sync_batchnorm(fused.bn1)
+
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    with pytest.raises(ValueError, match="MyBN is a BatchNorm2d subclass"):
+        fnn.convert_sync_batchnorm(nn.Sequential(MyBN(4)))
+
+
+def test_hooks_are_carried_to_fused_blocks_and_back(x32):
+    """Hooks registered on a block that fuse() replaces run on the fused block (same values), the
+    user's handles still remove them, the report names them, and unfuse gives them back."""
+    torch.manual_seed(0)
+    model = randomize_bn(small_basic_resnet()).eval()
+    seen = {"pre": 0, "fwd": [], "relu": [], "conv": []}
+
+    def pre(mod, inp):
+        seen["pre"] += 1
+
+    def fwd(mod, inp, out):
+        seen["fwd"].append(out.detach().clone())
+
+    h_pre = model.layer2[0].register_forward_pre_hook(pre)
+    h_fwd = model.layer2[0].register_forward_hook(fwd)
+    model.relu.register_forward_hook(lambda m, i, o: seen["relu"].append(o.detach().clone()))
+    model.conv1.register_forward_hook(lambda m, i, o: seen["conv"].append(o.shape))
+    with torch.no_grad():
+        model(x32)
+    want_block, want_relu = seen["fwd"][0], seen["relu"][0]
+
+    fused, report = fuse(model, inplace=True)
+    assert "hooks carried over to the fused block (1 forward-pre, 1 forward)" in report["layer2.0"].reason
+    stem = report["conv1+bn1+relu"].reason
+    assert "hooks on relu (1 forward) carried over to its FoldedReLU" in stem
+    assert "hooks on conv1 (1 forward) now see the fused conv+BN+ReLU output" in stem
+    assert "hook" not in report["layer1.0"].reason
+    assert isinstance(fused.layer2[0], fnn.BasicBlock)
+    with torch.no_grad():
+        fused(x32)
+    assert seen["pre"] == 2 and len(seen["fwd"]) == 2 and len(seen["relu"]) == 2
+    torch.testing.assert_close(seen["fwd"][1], want_block, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(seen["relu"][1], want_relu, rtol=1e-4, atol=1e-4)
+
+    h_pre.remove()  # the handle made before fuse() removes the hook from the fused block
+    with torch.no_grad():
+        fused(x32)
+    assert seen["pre"] == 2 and len(seen["fwd"]) == 3
+
+    back = unfuse(fused, inplace=True)
+    assert type(back.layer2[0]) is tv.BasicBlock and type(back.relu) is nn.ReLU
+    with torch.no_grad():
+        back(x32)
+    assert seen["pre"] == 2 and len(seen["fwd"]) == 4 and len(seen["relu"]) == 4
+    h_fwd.remove()
+    with torch.no_grad():
+        back(x32)
+    assert len(seen["fwd"]) == 4

@@ -18,6 +18,7 @@ from fused_resnet.distributed import is_active, sync_stats
 
 WORKER = Path(__file__).parent / "dist" / "worker_stats.py"
 BLOCK_WORKER = Path(__file__).parent / "dist" / "worker_block.py"
+FUSE_WORKER = Path(__file__).parent / "dist" / "worker_fuse.py"
 
 
 def _run_two_ranks(worker: Path, inputs: dict, tmp_path: Path, backend: str) -> list[dict]:
@@ -135,13 +136,13 @@ def test_data_parallel_fused_block_with_sync_batchnorm_matches_the_whole_batch(t
             torch.testing.assert_close(o["buffers"][name], b, **close, msg=f"buffer {name}")
 
 
-def test_convert_sync_batchnorm_adopts_parameters_and_refuses_folded_stems():
+def test_convert_sync_batchnorm_adopts_parameters_also_after_fuse():
     import torchvision
     from torch import nn
 
     import fused_resnet.nn as fnn
     from fused_resnet import models
-    from fused_resnet.convert import fuse
+    from fused_resnet.convert import FoldedSyncBatchNorm, fuse
 
     m = models.resnet18(num_classes=3)
     before = {id(p) for p in m.parameters()}
@@ -151,7 +152,50 @@ def test_convert_sync_batchnorm_adopts_parameters_and_refuses_folded_stems():
     assert {id(p) for p in m.parameters()} == before
     assert not m.layer1[0].bn1.training and m.layer2[0].bn1.training
     fused, _ = fuse(torchvision.models.resnet18())
-    with pytest.raises(ValueError, match="before fused_resnet.fuse"):
-        fnn.convert_sync_batchnorm(fused)
+    fnn.convert_sync_batchnorm(fused)  # the folded stem BN converts too (it used to be refused)
+    assert type(fused.bn1) is FoldedSyncBatchNorm
     with pytest.raises(TypeError, match="module"):
         fnn.convert_sync_batchnorm("resnet")
+
+
+def test_two_ranks_fused_torchvision_resnet18_with_sync_batchnorm(tmp_path):
+    """fuse(torchvision resnet18) + convert_sync_batchnorm on two ranks (3 and 1 images, float64):
+    outputs, input gradients, DDP-averaged parameter gradients and running statistics equal
+    nn.SyncBatchNorm's resnet18 on the whole batch in one process (where it is a plain BN)."""
+    import torchvision
+    from torch import nn
+
+    from fused_resnet import _ext
+
+    backend = "cpu" if _ext.available() else "torch"
+    torch.manual_seed(0)
+    ref_model = nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18(num_classes=4)).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in ref_model.modules():
+            if isinstance(m, nn.SyncBatchNorm):
+                m.weight.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64) * 0.2)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.5)
+    n, splits = 4, [0, 3, 4]  # rank 1 holds one image: 1 value per channel in the last stage on its own
+    d = {"state": {k: v.clone() for k, v in ref_model.state_dict().items()}, "classes": 4,
+         "x": torch.randn(n, 3, 32, 32, dtype=torch.float64, generator=g),
+         "g": torch.randn(n, 4, dtype=torch.float64, generator=g), "splits": splits}
+    outs = _run_two_ranks(FUSE_WORKER, d, tmp_path, backend)
+
+    ref_model.train()
+    x = d["x"].clone().requires_grad_()
+    y = ref_model(x)
+    (y * d["g"]).sum().backward()
+    close = dict(rtol=1e-7, atol=1e-9)
+    for r, o in enumerate(outs):
+        lo, hi = splits[r], splits[r + 1]
+        assert sum(op.startswith("conv_stats:") for op in o["ops"]) == 1 + 8 * 2 + 3, o["ops"]  # stem, blocks
+        assert all(op.endswith(":" + backend) for op in o["ops"]), o["ops"]
+        torch.testing.assert_close(o["y"], y[lo:hi].detach(), **close)
+        torch.testing.assert_close(o["gx"], x.grad[lo:hi], **close)
+        for name, p in ref_model.named_parameters():
+            torch.testing.assert_close(o["grads"][name] * 2, p.grad, **close, msg=f"grad {name}")
+        for name, b in ref_model.named_buffers():
+            torch.testing.assert_close(o["buffers"][name], b, **close, msg=f"buffer {name}")

@@ -2,8 +2,9 @@
 
 Usage: python worker_block.py RANK WORLD INIT_FILE INPUTS.pt OUT.pt BACKEND
 A fused BasicBlock with a projection shortcut, its BNs converted to SyncBatchNorm, with its
-gradients averaged as DistributedDataParallel does (gloo), runs one training step on this rank's slice of the batch and saves
-its output, input gradient, parameter gradients (as DDP averaged them) and running statistics.
+gradients averaged as DistributedDataParallel does (gloo), runs one training step on this rank's
+slice of the batch and saves its output, input gradient, parameter gradients (as DDP averaged
+them) and running statistics.
 """
 
 import sys
