@@ -7,6 +7,7 @@ sequence, and a deliberately broken backend that `check` must catch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -234,3 +235,56 @@ def test_report_writers(tmp_path):
     md = open(paths["md"]).read()
     assert "AMD" in md or result["env"]["cpu"]["model"] in md
     assert json.load(open(paths["json"]))["env"]["versions"]["torch"] == torch.__version__
+
+
+# ----------------------------------------------------------------------------- conv_only, vs cl, % conv
+
+
+def test_comparison_columns_by_hand():
+    from fused_resnet.bench._util import add_speedups, make_row
+
+    def row(variant, ms, batch=32, name="l1"):
+        t = timing.summarize([ms], "perf_counter")
+        return make_row("layer", "inference", name, "3x3", variant, timing=t, batch=batch, flops=1e9)
+
+    rows = [row("eager_cl", 4.0), row("conv_only", 2.0), row("fused:triton", 2.5), row("fused:cuda", 5.0),
+            row("eager_cl", 8.0, batch=256), row("fused:triton", 10.0, batch=256)]
+    add_speedups(rows)
+    tri, cud, big = rows[2], rows[3], rows[5]
+    assert tri["speedup_vs_eager_cl"] == pytest.approx(1.6) and tri["pct_conv_only_tflops"] == pytest.approx(80.0)
+    assert cud["speedup_vs_eager_cl"] == pytest.approx(0.8) and cud["pct_conv_only_tflops"] == pytest.approx(40.0)
+    assert rows[1]["pct_conv_only_tflops"] == pytest.approx(100.0)
+    # another batch is another comparison: no conv_only row at batch 256, and eager_cl 8 ms there
+    assert big["speedup_vs_eager_cl"] == pytest.approx(0.8) and big["pct_conv_only_tflops"] is None
+    assert big["speedup_vs_eager"] is None  # no eager NCHW row at all
+
+
+def test_conv_only_rows_are_the_convolution_alone():
+    from fused_resnet.bench.layers import bench_layers
+
+    cfg = config.resolve(config.BenchConfig(device="cpu", batch=2, train_batch=2, repeats=1, warmup=0, peaks=False,
+                                            backends=(), baselines=("eager_cl", "conv_only"),
+                                            modes=("inference",)))
+    picked = [s for s in shapes.conv_shapes(torchvision.models.resnet18(), 2, 32) if s.name == "layer1.0.conv2"]
+    from fused_resnet.bench._util import add_speedups
+
+    rows = bench_layers(cfg, picked, None, Progress(1, "t", enabled=False))
+    add_speedups(rows)
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"eager_cl", "conv_only"}
+    conv = by["conv_only"]
+    assert conv["status"] == "ok" and "F.conv2d alone" in conv["impl"]
+    assert conv["max_rel_err"] < 1e-5  # against the float64 convolution, not the BN/add/ReLU output
+    assert conv["pct_conv_only_tflops"] == pytest.approx(100.0)
+    assert by["eager_cl"]["pct_conv_only_tflops"] == pytest.approx(
+        100 * conv["median_ms"] / by["eager_cl"]["median_ms"])
+    text = report.format_table({"env": _fake_result(None)["env"], "config": dataclasses.asdict(cfg),
+                                "peaks": None, "skipped": [], "notes": [], "rows": rows})
+    assert "%conv" in text and "vs cl" in text
+    assert "gm %conv" in report.format_summary({"rows": rows})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU defaults")
+def test_conv_only_is_a_gpu_default_only():
+    assert "conv_only" not in config.resolve(config.BenchConfig()).baselines
+    assert "conv_only" in config.BASELINES

@@ -110,7 +110,8 @@ def make_row(level: str, mode: str, name: str, label: str, variant: str, *, timi
         "batch": batch, "images_per_s": None, "flops": flops, "tflops": None, "pct_peak_tflops": None,
         "min_bytes": min_bytes, "gbps": None, "pct_peak_gbps": None,
         "launches": None, "launch_unit": None, "max_rel_err": err, "err_vs": err_vs,
-        "peak_mem_mib": peak_mem_mib, "speedup_vs_eager": None,
+        "peak_mem_mib": peak_mem_mib, "speedup_vs_eager": None, "speedup_vs_eager_cl": None,
+        "pct_conv_only_tflops": None,
     }
     if timing is not None:
         t = timing.median_ms * 1e-3
@@ -134,10 +135,31 @@ def make_row(level: str, mode: str, name: str, label: str, variant: str, *, timi
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """Fill ``speedup_vs_eager`` = eager NCHW median / this row's median, per (level, mode, name)."""
-    base = {(r["level"], r["mode"], r["name"]): r["median_ms"] for r in rows
-            if r["variant"] == "eager" and r["median_ms"]}
+    """Fill the comparisons within each (level, mode, name, batch):
+
+    * ``speedup_vs_eager`` = eager NCHW median / this row's median;
+    * ``speedup_vs_eager_cl`` = eager channels_last median / this row's median -- on a GPU that
+      baseline is cuDNN's conv followed by separate eager BN (+ add) + ReLU, so >= 1 means the
+      fused op takes at most that time (issue #4's per-layer target);
+    * ``pct_conv_only_tflops`` = this row's TFLOP/s as a percentage of the ``conv_only`` row's
+      (the convolution alone, cuDNN on a GPU): both count the convolution's FLOPs only, so this
+      is conv_only's median / this median x 100.
+    """
+    def key(r):
+        return r["level"], r["mode"], r["name"], r.get("batch")
+
+    def medians(variant):
+        return {key(r): r["median_ms"] for r in rows if r["variant"] == variant and r["median_ms"]}
+
+    eager, eager_cl, conv = medians("eager"), medians("eager_cl"), medians("conv_only")
     for r in rows:
-        b = base.get((r["level"], r["mode"], r["name"]))
-        if b and r["median_ms"]:
-            r["speedup_vs_eager"] = b / r["median_ms"]
+        t = r["median_ms"]
+        if not t:
+            continue
+        k = key(r)
+        if eager.get(k):
+            r["speedup_vs_eager"] = eager[k] / t
+        if eager_cl.get(k):
+            r["speedup_vs_eager_cl"] = eager_cl[k] / t
+        if conv.get(k) and r.get("flops"):
+            r["pct_conv_only_tflops"] = 100 * conv[k] / t

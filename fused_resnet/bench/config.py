@@ -14,10 +14,12 @@ LEVELS = ("layer", "block", "model")
 #: ``cudnn_fused`` = cuDNN's own fused ``torch.cudnn_convolution_add_relu`` /
 #: ``torch.cudnn_convolution_relu`` with the BN folded into weight and bias (CUDA, inference,
 #: convs that end in ReLU; per layer only);
+#: ``conv_only`` = ``F.conv2d`` alone on channels_last tensors (cuDNN on a GPU), inference, per
+#: layer only: the yardstick of the ``pct_conv_only_tflops`` column ("% of cuDNN's conv TFLOP/s");
 #: ``compile`` = ``torch.compile`` (default mode) of the eager channels_last code;
 #: ``compile_max`` = ``torch.compile(mode="max-autotune")`` with inductor freezing, inference,
 #: whole models only (its compile time per shape is minutes).
-BASELINES = ("eager", "eager_cl", "cudnn_fused", "compile", "compile_max")
+BASELINES = ("eager", "eager_cl", "cudnn_fused", "conv_only", "compile", "compile_max")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 
@@ -117,7 +119,7 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
                 raise ValueError(f"backends: expected a subset of {', '.join(backends.BACKENDS)}, got {b!r}")
     cfg.baselines_explicit = cfg.baselines is not None
     if cfg.baselines is None:
-        cfg.baselines = ("eager", "eager_cl", "cudnn_fused", "compile", "compile_max") if gpu else (
+        cfg.baselines = ("eager", "eager_cl", "cudnn_fused", "conv_only", "compile", "compile_max") if gpu else (
             "eager", "eager_cl")
         if not gpu:
             cfg.skipped.append({"what": "cudnn_fused, compile_max",

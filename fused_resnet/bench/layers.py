@@ -2,8 +2,9 @@
 
 Inference compares ``fused_resnet.functional.conv_bn_act`` (one fused op, per backend) with
 eager ``F.conv2d`` + ``F.batch_norm`` (eval) + add + ReLU on NCHW and channels_last tensors,
-cuDNN's own fused conv-(add-)ReLU with BN folded into the weights (CUDA), and ``torch.compile``
-of the eager code.
+cuDNN's own fused conv-(add-)ReLU with BN folded into the weights (CUDA), ``torch.compile``
+of the eager code, and the convolution alone (``conv_only``: ``F.conv2d`` on channels_last,
+cuDNN on a GPU), whose TFLOP/s every other row is compared with (``pct_conv_only_tflops``).
 
 Training (forward + backward, gradients of x, the conv weight, BN gamma and beta) compares the
 fused chain ``conv_stats`` -> ``bn_finalize`` -> ``bn_add_act`` with eager conv -> batch-stat BN
@@ -87,6 +88,9 @@ def inference_variants(d: LayerData, cfg: BenchConfig) -> dict:
     if "eager_cl" in cfg.baselines:
         out["eager_cl"] = (lambda i: _eager_infer(d.xs[i % nb], d.w, d.res[i % nb], d),
                            "F.conv2d + F.batch_norm + add + relu (channels_last)", None)
+    if "conv_only" in cfg.baselines:
+        out["conv_only"] = (lambda i: TF.conv2d(d.xs[i % nb], d.w, None, s.stride, s.padding, s.dilation, s.groups),
+                            "F.conv2d alone (channels_last; cuDNN on CUDA) -- no BN, add or ReLU", None)
     if "cudnn_fused" in cfg.baselines:
         why = None
         if cfg.device != "cuda":
@@ -227,6 +231,11 @@ def bench_layers(cfg: BenchConfig, shapes: list[ConvShape], peaks: dict | None, 
                 variants = inference_variants(d, cfg)
                 with torch.no_grad():
                     ref = _reference_infer(d)
+
+                def ref_conv(d=d):
+                    with torch.no_grad():
+                        return TF.conv2d(d.xs[0].double(), d.w.double(), None, d.shape.stride, d.shape.padding,
+                                         d.shape.dilation, d.shape.groups)
                 flops, nbytes = s.flops, s.min_bytes(elem)
             else:
                 variants, gouts = training_variants(d, cfg)
@@ -244,7 +253,7 @@ def bench_layers(cfg: BenchConfig, shapes: list[ConvShape], peaks: dict | None, 
                     with grad_ctx:
                         got = fn(0)
                         if mode == "inference":
-                            err = rel_err(got, ref)
+                            err = rel_err(got, ref_conv() if variant == "conv_only" else ref)
                         else:
                             err = max(rel_err(got[0], ref_y), rel_err(got[1][0], ref_g[0]))
                         t = timing.measure(fn, dev, max(cfg.warmup - 1, 0), reps)  # fn(0) warmed up

@@ -18,7 +18,7 @@ from .env import machine_label
 ROW_FIELDS = ["level", "mode", "name", "label", "variant", "status", "median_ms", "p20_ms", "p80_ms", "repeats",
               "timing_method", "batch", "images_per_s", "flops", "tflops", "pct_peak_tflops", "min_bytes", "gbps",
               "pct_peak_gbps", "launches", "launch_unit", "max_rel_err", "err_vs", "peak_mem_mib",
-              "speedup_vs_eager", "impl", "reason"]
+              "speedup_vs_eager", "speedup_vs_eager_cl", "pct_conv_only_tflops", "impl", "reason"]
 
 
 def _f(v, fmt: str) -> str:
@@ -37,7 +37,7 @@ def format_table(result: dict) -> str:
         lines.append(f"measured peaks: {p['tflops']:.2f} TFLOP/s ({p['tflops_method']}, {p['tflops_dtype']}), "
                      f"{p['gbps']:.1f} GB/s ({p['gbps_method']})")
     header = (f"{'name':<24} {'variant':<12} {'median ms':>10} {'p20-p80 ms':>17} {'img/s':>9} {'TFLOP/s':>8} "
-              f"{'GB/s':>7} {'launch':>6} {'rel err':>8} {'speedup':>7} {'mem MiB':>8}")
+              f"{'GB/s':>7} {'launch':>6} {'rel err':>8} {'speedup':>7} {'vs cl':>6} {'%conv':>6} {'mem MiB':>8}")
     for level in ("layer", "block", "model"):
         for mode in ("inference", "training"):
             rows = [r for r in result["rows"] if r["level"] == level and r["mode"] == mode]
@@ -61,6 +61,7 @@ def format_table(result: dict) -> str:
                     f"  {'':<22} {r['variant']:<12} {r['median_ms']:>10.3f} {spread:>17} {ips:>9}"
                     f" {_f(r['tflops'], '.2f'):>8} {_f(r['gbps'], '.1f'):>7} {_f(r['launches'], 'd'):>6}"
                     f" {_f(r['max_rel_err'], '.1e'):>8} {_f(r['speedup_vs_eager'], '.2f'):>7}"
+                    f" {_f(r.get('speedup_vs_eager_cl'), '.2f'):>6} {_f(r.get('pct_conv_only_tflops'), '.0f'):>6}"
                     f" {_f(r['peak_mem_mib'], '.0f'):>8}")
     if result.get("skipped"):
         lines.append("")
@@ -72,7 +73,9 @@ def format_table(result: dict) -> str:
     units = {r["launch_unit"] for r in result["rows"] if r.get("launch_unit")}
     if units:
         lines.append("launch = " + ", ".join(sorted(units)) + " per call (torch.profiler); rel err = "
-                     "max|got - ref| / max|ref| against float64; speedup = eager NCHW median / this median")
+                     "max|got - ref| / max|ref| against float64; speedup = eager NCHW median / this median; "
+                     "vs cl = eager channels_last median / this median; %conv = TFLOP/s as % of conv_only's "
+                     "(the convolution alone)")
     return "\n".join(lines)
 
 
@@ -194,28 +197,36 @@ def save_results(result: dict, folder: str) -> dict[str, str]:
 
 def format_summary(result: dict) -> str:
     """A short table: whole-model rows in full, and per (level, mode, variant) the geometric
-    mean speedup over eager NCHW across layers / blocks, the worst error and the launch range."""
+    mean speedup over eager NCHW across layers / blocks, the worst error, the launch range, and
+    the geometric means of ``speedup_vs_eager_cl`` and ``pct_conv_only_tflops``."""
     import math
 
     ok = [r for r in result["rows"] if r["status"] == "ok"]
     lines = [f"{'level':<6} {'mode':<10} {'variant':<12} {'img/s | geomean speedup':>24} {'worst rel err':>13} "
-             f"{'launches':>9}"]
+             f"{'launches':>9} {'gm vs cl':>8} {'gm %conv':>8}"]
     for r in ok:
         if r["level"] == "model":
             lines.append(f"{'model':<6} {r['mode']:<10} {r['variant']:<12} {r['images_per_s']:>15.1f} img/s "
                          f"{_f(r['max_rel_err'], '.1e'):>13} {_f(r['launches'], 'd'):>9}")
+
+    def gmean(vals):
+        vals = [v for v in vals if v]
+        return math.exp(sum(math.log(x) for x in vals) / len(vals)) if vals else None
+
     for level in ("layer", "block"):
         for mode in ("inference", "training"):
             sel = [r for r in ok if r["level"] == level and r["mode"] == mode]
             for v in dict.fromkeys(r["variant"] for r in sel):
                 rs = [r for r in sel if r["variant"] == v]
-                sp = [r["speedup_vs_eager"] for r in rs if r["speedup_vs_eager"]]
-                gm = math.exp(sum(math.log(x) for x in sp) / len(sp)) if sp else None
+                gm = gmean([r["speedup_vs_eager"] for r in rs])
+                gm_cl = gmean([r.get("speedup_vs_eager_cl") for r in rs])
+                gm_conv = gmean([r.get("pct_conv_only_tflops") for r in rs])
                 errs = [r["max_rel_err"] for r in rs if r["max_rel_err"] is not None]
                 la = [r["launches"] for r in rs if r["launches"] is not None]
                 lr = f"{min(la)}-{max(la)}" if la else "-"
                 lines.append(f"{level:<6} {mode:<10} {v:<12} {_f(gm, '.2f'):>19} x{len(rs):>3} "
-                             f"{_f(max(errs) if errs else None, '.1e'):>13} {lr:>9}")
+                             f"{_f(max(errs) if errs else None, '.1e'):>13} {lr:>9} {_f(gm_cl, '.2f'):>8} "
+                             f"{_f(gm_conv, '.0f'):>8}")
     failed = [r for r in result["rows"] if r["status"] == "failed"]
     if failed:
         lines.append(f"{len(failed)} FAILED rows, e.g. {failed[0]['level']} {failed[0]['name']} "

@@ -27,20 +27,26 @@ multiply in their dtype and accumulate in float32. Addresses are computed in int
 times channels can pass 2^31 at large batch).
 
 Autotuning: :func:`triton.autotune` over block sizes / warps / stages, keyed on the GEMM shape,
-the convolution geometry and the epilogue, with ``cache_results=True`` where the installed
-triton has it (3.2+): results persist in triton's cache directory, so a second process does
-not re-tune. Under the interpreter one small config is used (no tuning).
+the convolution geometry, the epilogue and the float32 input precision, with
+``cache_results=True`` where the installed triton has it (3.2+): results persist in triton's
+cache directory, so a second process does not re-tune. The menu and the per-shape pruning (at
+most 3 candidates per shape; derived BLOCK_K; shared-memory and one-wave rules) are in
+:mod:`._tuning`, unmeasured so far. Under the interpreter one small config is used (no tuning).
+
+Reduction loop: one flat loop over (tap, channel block) rather than a loop per tap, so the
+software pipeliner (``num_stages``) overlaps loads across taps.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 import triton
 import triton.language as tl
 
-from . import interpret_mode
+from . import _tuning, interpret_mode
 from ._launch import launch
 from ._pack import pack_weight, packed_weight  # noqa: F401  (pack_weight: re-exported)
 
@@ -48,30 +54,33 @@ STAT_ROWS = 16  # rows per statistics partial; every BLOCK_M is a multiple of it
 
 
 def _conv_configs():
+    """The autotuner's menu (:func:`._tuning.menu`); one small config under the interpreter."""
     if interpret_mode():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
-    # Few candidates on purpose: every (dtype, kernel size, epilogue) variant compiles each one
-    # once, and tuning compiles dominate the first call of a shape. Narrow-N/K ones serve grouped
-    # convolutions (ResNeXt: 4-8 channels per group), where the pruner keeps only them.
-    cfgs = []
-    for bm, bn, bk, warps, stages in (
-        (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
-        (64, 16, 16, 4, 3), (128, 16, 16, 4, 3),
-    ):
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
-    return cfgs
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for (bm, bn, bk, w, st) in _tuning.menu()]
+
+
+def _config_tuple(c):
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+
+@functools.cache
+def _device_limits(index: int) -> tuple[int, int]:
+    """(opt-in shared memory per block in bytes, SM count) of CUDA device ``index``."""
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or _tuning.DEFAULT_SMEM
+    return int(smem), int(props.multi_processor_count)
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose N or K tile is far wider than the group's channels (ResNeXt: Cg = 4)."""
-    cg, kg = named_args["Cg"], named_args["Kg"]
-    bk_cap = max(16, triton.next_power_of_2(cg))
-    bn_cap = max(16, triton.next_power_of_2(kg))
-    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= bk_cap and c.kwargs["BLOCK_N"] <= bn_cap]
-    if not kept:  # always keep the narrowest configs
-        narrow = min(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] for c in configs)
-        kept = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] == narrow]
-    return kept
+    """Keep at most three candidates for this shape (:func:`._tuning.select` says which and why)."""
+    x = named_args["x_ptr"]
+    if len(configs) <= 1 or not isinstance(x, torch.Tensor) or x.device.type != "cuda":
+        return configs
+    smem, n_sm = _device_limits(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return _tuning.select(configs, named_args["M"], named_args["Kg"], named_args["Cg"], named_args["GROUPS"],
+                          x.element_size(), smem, n_sm, as_tuple=_config_tuple)
 
 
 _AUTOTUNE_KW = {}
@@ -82,7 +91,7 @@ if "cache_results" in inspect.signature(triton.autotune).parameters:  # triton >
 @triton.autotune(
     configs=_conv_configs(),
     key=["M", "Kg", "Cg", "H", "W", "R", "S", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "GROUPS",
-         "PROLOGUE", "STATS", "HAS_RES"],
+         "PROLOGUE", "STATS", "HAS_RES", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune},
     **_AUTOTUNE_KW,
 )
@@ -133,38 +142,44 @@ def conv_kernel(
         w0 = q * STRIDE_W - PAD_W
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in tl.static_range(R):
-        for s in tl.static_range(S):
-            if IS_GEMM:
-                valid_m = mask_m
-                row = m64 * C
-            else:
-                hh = h0 + r * DIL_H
-                ww = w0 + s * DIL_W
-                valid_m = mask_m & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                row = ((n_img * H + hh) * W + ww) * C + g * Cg
-            w_tap = w_ptr + ((g * R + r) * S + s).to(tl.int64) * Cg * Kg
-            for c0 in range(0, Cg, BLOCK_K):
-                cc = c0 + offs_c
-                mask_c = cc < Cg
-                a_mask = valid_m[:, None] & mask_c[None, :]
-                a = tl.load(x_ptr + row[:, None] + cc[None, :], mask=a_mask, other=0.0)
-                if PROLOGUE:
-                    af = a.to(tl.float32)
-                    if HAS_IN_SCALE:
-                        isc = tl.load(in_scale_ptr + g * Cg + cc, mask=mask_c, other=1.0)
-                        af = af * isc[None, :]
-                    if HAS_IN_SHIFT:
-                        ish = tl.load(in_shift_ptr + g * Cg + cc, mask=mask_c, other=0.0)
-                        af = af + ish[None, :]
-                    if IN_RELU:
-                        af = tl.maximum(af, 0.0)
-                    # Padding (and out-of-range rows/channels) is zero *after* the transform.
-                    af = tl.where(a_mask, af, 0.0)
-                    a = af.to(x_ptr.dtype.element_ty)
-                b = tl.load(w_tap + cc[:, None] * Kg + offs_n[None, :],
-                            mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    # One flat loop over (tap, channel block), so the compiler's software pipeliner (num_stages)
+    # overlaps the loads of the next tap with the current MMA: with a loop per tap, a layer with
+    # C <= BLOCK_K (layer1: C = 64) would run 9 one-iteration loops and nothing would overlap.
+    n_cb = tl.cdiv(Cg, BLOCK_K)
+    for it in range(0, R * S * n_cb):
+        tap = it // n_cb
+        c0 = (it - tap * n_cb) * BLOCK_K
+        r = tap // S
+        s = tap - r * S
+        if IS_GEMM:
+            valid_m = mask_m
+            row = m64 * C
+        else:
+            hh = h0 + r * DIL_H
+            ww = w0 + s * DIL_W
+            valid_m = mask_m & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            row = ((n_img * H + hh) * W + ww) * C + g * Cg
+        w_tap = w_ptr + ((g * R + r) * S + s).to(tl.int64) * Cg * Kg
+        cc = c0 + offs_c
+        mask_c = cc < Cg
+        a_mask = valid_m[:, None] & mask_c[None, :]
+        a = tl.load(x_ptr + row[:, None] + cc[None, :], mask=a_mask, other=0.0)
+        if PROLOGUE:
+            af = a.to(tl.float32)
+            if HAS_IN_SCALE:
+                isc = tl.load(in_scale_ptr + g * Cg + cc, mask=mask_c, other=1.0)
+                af = af * isc[None, :]
+            if HAS_IN_SHIFT:
+                ish = tl.load(in_shift_ptr + g * Cg + cc, mask=mask_c, other=0.0)
+                af = af + ish[None, :]
+            if IN_RELU:
+                af = tl.maximum(af, 0.0)
+            # Padding (and out-of-range rows/channels) is zero *after* the transform.
+            af = tl.where(a_mask, af, 0.0)
+            a = af.to(x_ptr.dtype.element_ty)
+        b = tl.load(w_tap + cc[:, None] * Kg + offs_n[None, :],
+                    mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     out_offs = m64[:, None] * K + k_glob[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
@@ -257,9 +272,13 @@ def out_hw(h, w, r, s, stride, padding, dilation):
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """``tl.dot``'s input precision: float32 uses TF32 tensor cores only when
+    ``torch.backends.cudnn.allow_tf32`` allows it (read per call, as cuDNN does), else IEEE float32.
+    16-bit inputs ignore the setting (their MMA is exact products, float32 accumulation); they
+    get triton's default ("tf32"), the value every 16-bit Triton GEMM is compiled with."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    return "tf32"
 
 
 def launch_conv(x, weight, stride, padding, dilation, groups, *, in_scale=None, in_shift=None, in_relu=False,

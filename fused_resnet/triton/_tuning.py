@@ -1,0 +1,119 @@
+"""Autotuning candidates of the implicit-GEMM conv kernel (pure Python: no triton import).
+
+Unmeasured: the Triton backend has not run on a GPU yet. The choices below are reasoned from
+the ResNet-50 layer shapes' FLOP/byte floors (``benchmarks/NOTES.md``, "Triton configs
+(unmeasured, 2026-11-23)") and from the tile shapes public Triton GEMM/conv kernels use on
+A100/H100 in 16-bit types (128x128x64 with 3-4 stages and 8 warps for large problems; 64-wide
+tiles with 4 warps and 4 stages for small ones), then checked by compiling every menu entry
+for sm_90 without a GPU (triton 3.8, ``triton.compile`` with a ``GPUTarget``, resource usage
+from ``cuobjdump``): all compile to wgmma with cp.async pipelines; 128x256 and 256x128 tiles
+with 8 warps hit 255 registers and spill (200-560 bytes of stack) in this kernel (its per-row
+int64 addresses cost registers a plain GEMM does not spend), so they are not in the menu;
+64x256 and 256x64 with 8 warps do not spill. Re-decide from ``TRITON_PRINT_AUTOTUNING=1``
+output of a GPU run.
+
+Decisions:
+
+* **A fixed menu, pruned per shape to at most** :data:`MAX_CANDIDATES` (3). Every candidate is
+  compiled once per kernel specialisation (dtype, R x S, prologue/epilogue flags) on the first
+  call of a shape, and a compile of this kernel costs about a second or two: ResNet-50's 20
+  distinct inference shapes then cost at most 60 tuning runs (fewer compiles: shapes that share
+  a specialisation reuse them), instead of 6 x 20 with the previous unpruned menu.
+* **BLOCK_K is derived, not tuned**: ``min(64, next_pow2(C/groups))`` for 16-bit types
+  (a 64-wide K step is 128 bytes per row: full-width loads and whole wgmma K steps), halved to
+  32 for float32/TF32 so a pipeline stage keeps the same bytes; at least 16 (``tl.dot``'s
+  minimum). The stem (C = 3) therefore runs with BLOCK_K = 16 and wastes most of each K step:
+  its floor is memory (see NOTES), so this costs less than it seems.
+* **BLOCK_N is capped** at ``next_pow2(K/groups)`` (at least 16): N = 64 layers never compute
+  half-empty 128-wide tiles, and ResNeXt groups (4-32 channels) get the narrow tiles; and it
+  is at least ``min(64, cap)``: narrow tiles only serve narrow groups (a 16-wide tile on a
+  512-channel layer re-reads the input 32 times).
+* **Shared memory**: ``stages * (BLOCK_M + BLOCK_N) * BLOCK_K * element size`` must fit the
+  device's opt-in shared memory per block (A100 163 KiB, H100 227 KiB); a candidate that would
+  fail with OutOfResources is not even compiled.
+* **Fill the machine, then prefer big tiles**: among candidates whose tile count
+  (``cdiv(M, BLOCK_M) * cdiv(K/groups, BLOCK_N) * groups``) is at least one wave (the SM
+  count), the largest tiles are kept (most operand reuse per byte loaded); when fewer than
+  :data:`MAX_CANDIDATES` fill a wave (late layers at batch 32: M = 1568), the next candidates
+  are the ones with the most tiles. There is no split-K: a small-M layer at small batch stays
+  under one wave (noted as a prediction, not solved).
+* **1x1 stride-1 convolutions** take the same menu; the kernel compiles them as a plain GEMM
+  (``IS_GEMM``: no index arithmetic, one tap).
+* **TF32**: float32 inputs use TF32 tensor cores only when ``torch.backends.cudnn.allow_tf32``
+  is True (read on every call; part of the tuning key), IEEE float32 otherwise.
+"""
+
+from __future__ import annotations
+
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K is derived per shape (see module docstring).
+TILES = (
+    (128, 128, 8, 4),  # the workhorse for large M and N >= 128
+    (128, 128, 8, 3),
+    (64, 256, 8, 3),  # N >= 256 (conv3 / projections, layer3-4)
+    (256, 64, 8, 3),  # N = 64 with a very large M (stem, layer1 at batch 256)
+    (128, 64, 4, 4),  # N = 64 layers
+    (64, 128, 4, 4),  # small M (late layers at small batch)
+    (64, 64, 4, 4),  # smallest regular tile: most tiles for a small M
+    (64, 32, 4, 4),  # ResNeXt groups with 32 output channels
+    (64, 16, 4, 3),  # ResNeXt / depthwise groups with 4-16 output channels
+)
+BLOCK_KS = (16, 32, 64)
+MAX_CANDIDATES = 3
+#: Used when the device cannot be asked: an A100's opt-in shared memory per block, 132 SMs.
+DEFAULT_SMEM = 163 * 1024
+DEFAULT_SMS = 132
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def block_k_for(cg: int, elem_size: int) -> int:
+    """BLOCK_K for C/groups input channels per group and an element of ``elem_size`` bytes."""
+    cap = 64 if elem_size <= 2 else 32
+    return max(16, min(cap, next_pow2(cg)))
+
+
+#: Shared memory the epilogue may add on top of the pipeline buffers (the statistics epilogue's
+#: reductions took up to 17 KiB in sm_90 compiles of the menu).
+EPILOGUE_SMEM = 18 * 1024
+
+
+def smem_bytes(bm: int, bn: int, bk: int, stages: int, elem_size: int) -> int:
+    """Shared memory of the pipelined A (BM x BK) and B (BK x BN) tiles plus :data:`EPILOGUE_SMEM`."""
+    return stages * (bm + bn) * bk * elem_size + EPILOGUE_SMEM
+
+
+def menu() -> list[tuple[int, int, int, int, int]]:
+    """Every (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner is declared with."""
+    return [(bm, bn, bk, w, s) for (bm, bn, w, s) in TILES for bk in BLOCK_KS]
+
+
+def select(items, m: int, kg: int, cg: int, groups: int, elem_size: int, smem: int = DEFAULT_SMEM,
+           n_sm: int = DEFAULT_SMS, as_tuple=lambda i: i) -> list:
+    """The candidates kept for one shape (see the module docstring), in the menu's order.
+
+    m: GEMM rows (N * P * Q); kg, cg: output / input channels per group; elem_size: bytes per
+    activation element; smem: shared memory per block (bytes); n_sm: SM count. ``items`` are
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuples, or anything ``as_tuple`` maps to
+    one (``triton.Config``); the kept items are returned themselves. Never empty: if nothing
+    fits, the smallest tile with the derived BLOCK_K is kept.
+    """
+    bk = block_k_for(cg, elem_size)
+    bn_cap = max(16, next_pow2(kg))
+    raw = [(i, tuple(as_tuple(i))) for i in items]
+    same_k = [(i, c) for i, c in raw if c[2] == bk]
+    bn_min = min(64, bn_cap)
+    fits = [(i, c) for i, c in same_k if bn_min <= c[1] <= bn_cap
+            and smem_bytes(c[0], c[1], c[2], c[4], elem_size) <= smem]
+    if not fits:
+        smallest = min(same_k or raw, key=lambda ic: ic[1][0] * ic[1][1])
+        return [smallest[0]]
+
+    def tiles(c):
+        return -(-m // c[0]) * -(-kg // c[1]) * groups
+
+    full = sorted((ic for ic in fits if tiles(ic[1]) >= n_sm), key=lambda ic: -(ic[1][0] * ic[1][1]))
+    rest = sorted((ic for ic in fits if tiles(ic[1]) < n_sm), key=lambda ic: -tiles(ic[1]))
+    kept = {id(i) for i, _ in (full + rest)[:MAX_CANDIDATES]}
+    return [i for i, _ in fits if id(i) in kept]
