@@ -9,6 +9,11 @@
 #                 FUSED_RESNET_CUDA_ARCHS is set; MAX_JOBS = cores)              <= 300 s
 #   2. info/check fused-resnet info; fused-resnet check                         <=  60 s
 #   3. tests      pytest tests/gpu                                              <=  90 s
+#   3b. igemm     the opt-in CUDA implicit-GEMM conv, still unvalidated, in its own step so a
+#                 failure there cannot stop the other GPU tests (-x): pytest
+#                 tests/gpu/test_cuda_igemm.py (<= 75 s), then benchmarks/igemm_layers.py
+#                 (igemm vs cuDNN per ResNet-50 layer, bf16, batch 256; <= 80 s); both
+#                 appended to tests.log (table + one IGEMM_JSON line: the file count stays 8)
 #   4. bench      a) fused-resnet bench (resnet50, bf16, batch 64; every level and mode;
 #                    torch.compile at model level only; --time-budget)            rest - 180 s
 #                 b) max-autotune + freezing, model inference, own process        rest - 20 s
@@ -51,9 +56,22 @@ CHECK_RC=$?
 tail -4 check.log
 
 step "tests/gpu (log: tests.log)"
-timeout 90 "$PY" -m pytest "$REPO/tests/gpu" -q -x -p no:cacheprovider --rootdir "$REPO" > tests.log 2>&1
+timeout 90 "$PY" -m pytest "$REPO/tests/gpu" -q -x -p no:cacheprovider --rootdir "$REPO" \
+  --ignore "$REPO/tests/gpu/test_cuda_igemm.py" > tests.log 2>&1
 TESTS_RC=$?
 tail -3 tests.log
+
+step "igemm: tests/gpu/test_cuda_igemm.py, then per-layer timings (appended to tests.log)"
+timeout 75 "$PY" -m pytest "$REPO/tests/gpu/test_cuda_igemm.py" -q -p no:cacheprovider --rootdir "$REPO" \
+  > igemm.tmp 2>&1
+IGEMM_TESTS_RC=$?
+tail -3 igemm.tmp
+{ echo "== tests/gpu/test_cuda_igemm.py (rc $IGEMM_TESTS_RC)"; cat igemm.tmp; } >> tests.log
+timeout 80 "$PY" "$REPO/benchmarks/igemm_layers.py" --batch 256 --dtype bfloat16 --budget 45 > igemm.tmp 2>&1
+IGEMM_RC=$?
+grep -v '^IGEMM_JSON' igemm.tmp
+{ echo "== benchmarks/igemm_layers.py (rc $IGEMM_RC)"; cat igemm.tmp; } >> tests.log
+rm -f igemm.tmp
 
 # 4a. everything but max-autotune, leaving ~150 s for 4b; --time-budget stops new measurements
 #     in time, and the outer timeout only guards against one measurement running away
@@ -81,7 +99,7 @@ else
 fi
 
 step "summary"
-echo "build rc=$BUILD_RC  check rc=$CHECK_RC  tests rc=$TESTS_RC  bench rc=$BENCH_RC  max-autotune rc=$MAX_RC (124 = timed out)"
+echo "build rc=$BUILD_RC  check rc=$CHECK_RC  tests rc=$TESTS_RC  igemm tests rc=$IGEMM_TESTS_RC  igemm bench rc=$IGEMM_RC  bench rc=$BENCH_RC  max-autotune rc=$MAX_RC (124 = timed out)"
 "$PY" - <<'PYEOF'
 import glob, json
 from fused_resnet.bench import report

@@ -829,6 +829,22 @@ cudaError_t channel_stats(DType dtype, const void* z, int64_t rows, int64_t chan
   return cudaErrorInvalidValue;
 }
 
+cudaError_t channel_stats_merge(DType acc, const void* workspace, int64_t chunks, int64_t rows,
+                                int64_t rows_per_chunk, int64_t channels, void* stats,
+                                cudaStream_t stream) {
+  if (channels <= 0) return cudaSuccess;
+  if (rows_per_chunk < 1 || chunks != ceil_div(rows, rows_per_chunk)) return cudaErrorInvalidValue;
+  const ChunkPlan plan{chunks, rows_per_chunk};
+  const double* ws = static_cast<const double*>(workspace);
+  if (acc == DType::Float32)
+    launch_stats_merge<float>(ws, plan, rows, channels, static_cast<float*>(stats), stream);
+  else if (acc == DType::Float64)
+    launch_stats_merge<double>(ws, plan, rows, channels, static_cast<double*>(stats), stream);
+  else
+    return cudaErrorInvalidValue;
+  return cudaGetLastError();
+}
+
 cudaError_t bn_add_act_backward(DType dtype, const void* grad_out, const void* z,
                                 const void* residual, const void* scale, const void* shift,
                                 const void* res_scale, const void* res_shift, bool relu,

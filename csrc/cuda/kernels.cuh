@@ -62,6 +62,15 @@ int64_t reduce_chunks(int64_t rows, int64_t channels);
 cudaError_t channel_stats(DType dtype, const void* z, int64_t rows, int64_t channels,
                           void* workspace, void* stats, cudaStream_t stream);
 
+// The second half of channel_stats on its own: merges per-chunk (mean, M2) partials
+// workspace[chunk][2][channels] (doubles; chunk i covers rows [i * rows_per_chunk,
+// min(rows, (i + 1) * rows_per_chunk)), chunks == ceil(rows / rows_per_chunk)) into stats
+// (2, channels) of dtype `acc` (Float32 or Float64) by the same fixed-order Chan merge.
+// Used by producers that write their own partials (igemm.cu's statistics epilogue).
+cudaError_t channel_stats_merge(DType acc, const void* workspace, int64_t chunks, int64_t rows,
+                                int64_t rows_per_chunk, int64_t channels, void* stats,
+                                cudaStream_t stream);
+
 // One pass of bn_add_act's backward. With pre = z*scale + shift (+ residual*res_scale +
 // res_shift) recomputed exactly as affine_act computes it and g = relu ? (pre > 0 ? go : 0)
 // : go: writes grad_z = g*scale, grad_residual = g*res_scale (when residual is given) and

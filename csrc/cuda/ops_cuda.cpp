@@ -8,6 +8,14 @@
 // prologue and the statistics (conv_stats) are our own kernels, one launch each (two for
 // the deterministic statistics: per-chunk partials, then a fixed-order merge).
 //
+// Opt-in: FUSED_RESNET_CUDA_CONV=igemm (read on every call) runs supported convolutions
+// (float16/bfloat16, groups 1, C % 8 == 0, K % 8 == 0, 16-byte aligned data, compute
+// capability >= 8.0) through our own tensor-core implicit GEMM (igemm.cu) with the
+// epilogue / statistics fused into the same launch; anything else still goes to cuDNN, and
+// a one-time warning says so. The DEFAULT STAYS cuDNN until igemm has passed tests/gpu on a
+// real GPU (it has been compiled and its index math emulated on the host only). On that
+// path conv_stats' input prologue (in_scale / in_shift / in_relu) is fused too.
+//
 // Graph-capture safety: no host synchronization, no .item(), workspaces come from the
 // caching allocator (at::empty) and every launch goes to the current stream.
 #include <ATen/core/Tensor.h>
@@ -19,11 +27,16 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
 #include "checks.h"
+#include "igemm.cuh"
 #include "kernels.cuh"
 
 namespace fused_resnet {
@@ -96,6 +109,68 @@ at::Tensor conv_nhwc(const at::Tensor& xin, const at::Tensor& w, at::IntArrayRef
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // ---------------------------------------------------------------------------------------
+// The igemm opt-in (see the top of this file).
+
+bool igemm_requested() {
+  const char* v = std::getenv("FUSED_RESNET_CUDA_CONV");
+  return v != nullptr && std::strcmp(v, "igemm") == 0;
+}
+
+bool aligned16(const at::Tensor& t) {
+  return !t.defined() || (reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) & 15u) == 0;
+}
+
+// The igemm description of conv(xin, w) when the kernel can run it, else nullopt (cuDNN).
+// xin must be channels_last-contiguous; `wc` receives the (K, R, S, C)-dense weight.
+// `extra` is one more tensor the kernel reads or writes directly (the residual) that must be
+// 16-byte aligned too.
+std::optional<fk::IgemmConv> igemm_plan(const at::Tensor& xin, const at::Tensor& weight,
+                                        at::IntArrayRef stride, at::IntArrayRef padding,
+                                        at::IntArrayRef dilation, int64_t groups,
+                                        at::IntArrayRef out_shape, at::Tensor& wc,
+                                        const at::Tensor& extra = at::Tensor()) {
+  if (!igemm_requested()) return std::nullopt;
+  const auto dt = xin.scalar_type();
+  const bool dtype_ok = dt == at::kHalf || dt == at::kBFloat16;
+  // mma.sync / ldmatrix / cp.async need sm_80+ (cudaDeviceGetAttribute: no sync, cheap).
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                        xin.get_device()));
+  const bool arch_ok = major >= 8;
+  std::optional<fk::IgemmConv> plan;
+  if (dtype_ok && arch_ok && groups == 1 && weight.device() == xin.device()) {
+    wc = weight.contiguous(kCL);
+    fk::IgemmConv c;
+    c.x = xin.const_data_ptr();
+    c.w = wc.const_data_ptr();
+    c.n = xin.size(0);
+    c.c = xin.size(1);
+    c.h = xin.size(2);
+    c.w_in = xin.size(3);
+    c.k = wc.size(0);
+    c.r = wc.size(2);
+    c.s = wc.size(3);
+    c.p = out_shape[2];
+    c.q = out_shape[3];
+    c.stride_h = stride[0];
+    c.stride_w = stride[1];
+    c.pad_h = padding[0];
+    c.pad_w = padding[1];
+    c.dil_h = dilation[0];
+    c.dil_w = dilation[1];
+    if (fk::igemm_supported(to_kernel_dtype(dt), c) && aligned16(extra)) plan = c;
+  }
+  if (!plan) {
+    TORCH_WARN_ONCE("FUSED_RESNET_CUDA_CONV=igemm: a convolution the igemm kernel does not "
+                    "support (it needs float16/bfloat16, groups=1, input and output channels "
+                    "divisible by 8, 16-byte aligned tensors, compute capability >= 8.0) runs "
+                    "through cuDNN instead; first such call: x ", xin.sizes(), " ", dt,
+                    ", weight ", weight.sizes(), ", groups ", groups);
+  }
+  return plan;
+}
+
+// ---------------------------------------------------------------------------------------
 
 at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                             const at::Tensor& shift, const std::optional<at::Tensor>& residual,
@@ -111,10 +186,22 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const
   check_residual(residual, "residual", out_shape, x, "x");
 
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = conv_nhwc(x.contiguous(kCL), weight, stride, padding, dilation, groups, out_shape);
-  if (y.numel() == 0) return y;
+  const at::Tensor xin = x.contiguous(kCL);
   const at::Tensor res = present(residual) ? residual->contiguous(kCL) : at::Tensor();
   const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
+  at::Tensor wc;
+  if (const auto plan = igemm_plan(xin, weight, stride, padding, dilation, groups, out_shape, wc,
+                                   res)) {
+    // One launch: conv + scale/shift + residual + ReLU, rounded once (igemm.cu).
+    at::Tensor y = empty_nhwc(out_shape, x.options());
+    if (y.numel() == 0) return y;
+    C10_CUDA_CHECK(fk::igemm_conv_bn_act(to_kernel_dtype(x.scalar_type()), *plan,
+                                         sc.const_data_ptr<float>(), sh.const_data_ptr<float>(),
+                                         ptr_or_null(res), relu, y.data_ptr(), current_stream()));
+    return y;
+  }
+  at::Tensor y = conv_nhwc(xin, weight, stride, padding, dilation, groups, out_shape);
+  if (y.numel() == 0) return y;
   fk::ChannelAffine p;
   p.scale = sc.const_data_ptr();
   p.shift = sh.const_data_ptr();
@@ -141,10 +228,26 @@ std::tuple<at::Tensor, at::Tensor> conv_stats_cuda(
   const cudaStream_t stream = current_stream();
   const fk::DType dt = to_kernel_dtype(x.scalar_type());
   at::Tensor xin = x.contiguous(kCL);
+  const at::TensorOptions acc_opts = x.options().dtype(acc);
+  at::Tensor stats = at::empty({2, k}, acc_opts);
+  const int64_t rows = rows_of(out_shape);
+  const at::Tensor isc = dense_vector(in_scale), ish = dense_vector(in_shift);
+  at::Tensor wc;
+  if (const auto plan = igemm_plan(xin, weight, stride, padding, dilation, groups, out_shape, wc)) {
+    // Prologue, conv, z and per-(128-row tile, channel) partials in one launch; the
+    // fixed-order merge in a second.
+    at::Tensor z = empty_nhwc(out_shape, x.options());
+    at::Tensor ws = at::empty({std::max<int64_t>(1, fk::igemm_stats_chunks(rows)) * 2 * k},
+                              x.options().dtype(at::kDouble));
+    C10_CUDA_CHECK(fk::igemm_conv_stats(
+        dt, *plan, isc.defined() ? isc.const_data_ptr<float>() : nullptr,
+        ish.defined() ? ish.const_data_ptr<float>() : nullptr, in_relu, z.data_ptr(),
+        ws.data_ptr(), stats.data_ptr<float>(), stream));
+    return {z, stats};
+  }
   if (present(in_scale) || present(in_shift) || in_relu) {
     // Prologue: relu?(x * in_scale + in_shift) rounded to x's dtype, as the conv consumes
     // it; zero padding then applies to the transformed input, as the contract says.
-    const at::Tensor isc = dense_vector(in_scale), ish = dense_vector(in_shift);
     at::Tensor t = empty_nhwc(x.sizes(), x.options());
     fk::ChannelAffine p;
     p.scale = ptr_or_null(isc);
@@ -154,9 +257,6 @@ std::tuple<at::Tensor, at::Tensor> conv_stats_cuda(
     xin = t;
   }
   at::Tensor z = conv_nhwc(xin, weight, stride, padding, dilation, groups, out_shape);
-  const at::TensorOptions acc_opts = x.options().dtype(acc);
-  at::Tensor stats = at::empty({2, k}, acc_opts);
-  const int64_t rows = rows_of(out_shape);
   const int64_t chunks = fk::reduce_chunks(rows, k);
   at::Tensor ws = at::empty({chunks * 2 * k}, x.options().dtype(at::kDouble));
   C10_CUDA_CHECK(fk::channel_stats(dt, z.const_data_ptr(), rows, k, ws.data_ptr(),
@@ -241,38 +341,67 @@ void bn_update_running_stats_cuda(const at::Tensor& stats, int64_t count,
   if (!rv.is_same(running_var)) running_var.copy_(rv);
 }
 
+// What bn_add_act and its backward share: validation (z, then grad_out when given, then the
+// per-channel vectors and the residual, in that order) and the dense inputs the kernels read.
+// Validation happens before any device guard or allocation, as in every other entry point.
+struct BnAddActInputs {
+  int64_t k;
+  at::ScalarType acc;
+  bool has_res;
+  at::Tensor zc, res, sc, sh, rsc, rsh;
+};
+
+BnAddActInputs prepare_bn_add_act(const at::Tensor& z, const at::Tensor& scale,
+                                  const at::Tensor& shift,
+                                  const std::optional<at::Tensor>& residual,
+                                  const std::optional<at::Tensor>& res_scale,
+                                  const std::optional<at::Tensor>& res_shift,
+                                  const at::Tensor* grad_out = nullptr) {
+  check_activation(z, "z");
+  check_cuda(z, "z");
+  if (grad_out != nullptr) {
+    check_activation(*grad_out, "grad_out");
+    check_like(*grad_out, "grad_out", z, "z");
+    TORCH_CHECK(grad_out->sizes() == z.sizes(), "grad_out: expected shape ", z.sizes(),
+                " (same as z), got ", grad_out->sizes());
+  }
+  BnAddActInputs in;
+  in.k = z.size(1);
+  in.acc = acc_dtype(z.scalar_type());
+  check_vector(scale, "scale", in.k, in.acc, z.device());
+  check_vector(shift, "shift", in.k, in.acc, z.device());
+  check_vector(res_scale, "res_scale", in.k, in.acc, z.device());
+  check_vector(res_shift, "res_shift", in.k, in.acc, z.device());
+  check_residual(residual, "residual", z.sizes(), z, "z");
+  // Dense copies (or the tensors themselves); ATen runs any copy on the tensor's own device.
+  in.has_res = present(residual);
+  in.zc = z.contiguous(kCL);
+  in.res = in.has_res ? residual->contiguous(kCL) : at::Tensor();
+  in.sc = scale.contiguous();
+  in.sh = shift.contiguous();
+  // As the reference: the residual's own BN only means something with a residual.
+  in.rsc = in.has_res ? dense_vector(res_scale) : at::Tensor();
+  in.rsh = in.has_res ? dense_vector(res_shift) : at::Tensor();
+  return in;
+}
+
 at::Tensor bn_add_act_cuda(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
                            const std::optional<at::Tensor>& residual,
                            const std::optional<at::Tensor>& res_scale,
                            const std::optional<at::Tensor>& res_shift, bool relu) {
-  check_activation(z, "z");
-  check_cuda(z, "z");
-  const int64_t k = z.size(1);
-  const auto acc = acc_dtype(z.scalar_type());
-  check_vector(scale, "scale", k, acc, z.device());
-  check_vector(shift, "shift", k, acc, z.device());
-  check_vector(res_scale, "res_scale", k, acc, z.device());
-  check_vector(res_shift, "res_shift", k, acc, z.device());
-  check_residual(residual, "residual", z.sizes(), z, "z");
+  const BnAddActInputs in = prepare_bn_add_act(z, scale, shift, residual, res_scale, res_shift);
 
   c10::cuda::CUDAGuard guard(z.device());
   at::Tensor y = empty_nhwc(z.sizes(), z.options());
   if (y.numel() == 0) return y;
-  const at::Tensor zc = z.contiguous(kCL);
-  const bool has_res = present(residual);
-  const at::Tensor res = has_res ? residual->contiguous(kCL) : at::Tensor();
-  const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
-  // As the reference: the residual's own BN only means something with a residual.
-  const at::Tensor rsc = has_res ? dense_vector(res_scale) : at::Tensor();
-  const at::Tensor rsh = has_res ? dense_vector(res_shift) : at::Tensor();
   fk::ChannelAffine p;
-  p.scale = sc.const_data_ptr();
-  p.shift = sh.const_data_ptr();
-  p.res_scale = ptr_or_null(rsc);
-  p.res_shift = ptr_or_null(rsh);
-  C10_CUDA_CHECK(fk::affine_act(to_kernel_dtype(z.scalar_type()), zc.const_data_ptr(),
-                                ptr_or_null(res), y.data_ptr(), rows_of(z.sizes()), k, p, relu,
-                                current_stream()));
+  p.scale = in.sc.const_data_ptr();
+  p.shift = in.sh.const_data_ptr();
+  p.res_scale = ptr_or_null(in.rsc);
+  p.res_shift = ptr_or_null(in.rsh);
+  C10_CUDA_CHECK(fk::affine_act(to_kernel_dtype(z.scalar_type()), in.zc.const_data_ptr(),
+                                ptr_or_null(in.res), y.data_ptr(), rows_of(z.sizes()), in.k, p,
+                                relu, current_stream()));
   return y;
 }
 
@@ -281,24 +410,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_ac
     const at::Tensor& shift, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& res_scale, const std::optional<at::Tensor>& res_shift,
     bool relu) {
-  check_activation(z, "z");
-  check_cuda(z, "z");
-  check_activation(grad_out, "grad_out");
-  check_like(grad_out, "grad_out", z, "z");
-  TORCH_CHECK(grad_out.sizes() == z.sizes(), "grad_out: expected shape ", z.sizes(),
-              " (same as z), got ", grad_out.sizes());
-  const int64_t k = z.size(1);
-  const auto acc = acc_dtype(z.scalar_type());
-  check_vector(scale, "scale", k, acc, z.device());
-  check_vector(shift, "shift", k, acc, z.device());
-  check_vector(res_scale, "res_scale", k, acc, z.device());
-  check_vector(res_shift, "res_shift", k, acc, z.device());
-  check_residual(residual, "residual", z.sizes(), z, "z");
+  const BnAddActInputs in =
+      prepare_bn_add_act(z, scale, shift, residual, res_scale, res_shift, &grad_out);
+  const int64_t k = in.k;
 
   c10::cuda::CUDAGuard guard(z.device());
-  const bool has_res = present(residual);
+  const bool has_res = in.has_res;
   const bool has_rs = has_res && present(res_scale);
-  const at::TensorOptions acc_opts = z.options().dtype(acc);
+  const at::TensorOptions acc_opts = z.options().dtype(in.acc);
   at::Tensor grad_z = empty_nhwc(z.sizes(), z.options());
   at::Tensor grad_scale = at::empty({k}, acc_opts);
   at::Tensor grad_shift = at::empty({k}, acc_opts);
@@ -306,17 +425,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_ac
   at::Tensor grad_residual = has_res ? empty_nhwc(z.sizes(), z.options()) : at::empty({0}, z.options());
   at::Tensor grad_res_scale = has_rs ? at::empty({k}, acc_opts) : at::empty({0}, acc_opts);
 
-  const at::Tensor go = grad_out.contiguous(kCL), zc = z.contiguous(kCL);
-  const at::Tensor res = has_res ? residual->contiguous(kCL) : at::Tensor();
-  const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
-  const at::Tensor rsc = has_res ? dense_vector(res_scale) : at::Tensor();
-  const at::Tensor rsh = has_res ? dense_vector(res_shift) : at::Tensor();
+  const at::Tensor go = grad_out.contiguous(kCL);
   const int64_t rows = rows_of(z.sizes());
   at::Tensor ws = at::empty({fk::reduce_chunks(rows, k) * 3 * k}, acc_opts);
   C10_CUDA_CHECK(fk::bn_add_act_backward(
-      to_kernel_dtype(z.scalar_type()), go.const_data_ptr(), zc.const_data_ptr(),
-      ptr_or_null(res), sc.const_data_ptr(), sh.const_data_ptr(), ptr_or_null(rsc),
-      ptr_or_null(rsh), relu, rows, k, grad_z.data_ptr(),
+      to_kernel_dtype(z.scalar_type()), go.const_data_ptr(), in.zc.const_data_ptr(),
+      ptr_or_null(in.res), in.sc.const_data_ptr(), in.sh.const_data_ptr(), ptr_or_null(in.rsc),
+      ptr_or_null(in.rsh), relu, rows, k, grad_z.data_ptr(),
       has_res ? grad_residual.data_ptr() : nullptr, ws.data_ptr(), grad_scale.data_ptr(),
       grad_shift.data_ptr(), has_rs ? grad_res_scale.data_ptr() : nullptr, current_stream()));
   return {grad_z, grad_scale, grad_shift, grad_residual, grad_res_scale};

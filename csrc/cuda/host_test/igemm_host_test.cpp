@@ -1,0 +1,397 @@
+// Host-only emulation of igemm.cu's data movement (no GPU, no CUDA toolkit needed):
+// builds with any C++17 compiler, driven by tests/test_igemm_host.py.
+//
+// For each shape it runs every CTA of the grid through the kernel's own index functions
+// (igemm_layout.cuh): the cp.async loaders fill an emulated shared memory (zero-fill where
+// the predicate is false), the pipeline's stage rotation decides which buffer holds which
+// k-tile, ldmatrix.x4 and mma.m16n8k16 are emulated from the PTX ISA's definitions (written
+// down here independently of the kernel), and the epilogue places accumulators and copies the
+// tile out through the kernel's mappings. Checked:
+//   * every A / B fragment register element equals the independently computed im2col
+//     A[m][k] / weight B[k][n] (0 for padding and out-of-range rows, columns, reductions);
+//   * every ldmatrix phase (8 row addresses) touches 32 distinct banks, and each loader
+//     phase (8 threads x 16 B) too;
+//   * the emulated GEMM output equals a naive direct convolution exactly (small integers);
+//   * 64-bit offsets for a tensor with more than 2^31 elements.
+// Prints "OK <n> checks" and exits 0, or prints the first mismatch and exits 1.
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <set>
+#include <vector>
+
+#include "../igemm_layout.cuh"
+
+namespace ig = fused_resnet::cuda::igemm;
+
+namespace {
+
+long long g_checks = 0;
+
+#define CHECK(cond, ...)                                  \
+  do {                                                    \
+    ++g_checks;                                           \
+    if (!(cond)) {                                        \
+      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::printf(__VA_ARGS__);                           \
+      std::printf("\n");                                  \
+      std::exit(1);                                       \
+    }                                                     \
+  } while (0)
+
+struct Case {
+  int n, c, h, w, k, r, s, sh, sw, ph, pw, dh, dw;
+};
+
+// ---- PTX ISA definitions (independent of the kernel) ------------------------------------
+// ldmatrix.sync.aligned.m8n8.x4.b16: threads 8j..8j+7 give the row addresses of matrix j;
+// destination register j of thread l holds matrix j's row l / 4, elements 2 * (l % 4) + {0, 1}.
+// mma.m16n8k16 .f16/.bf16 fragments (groupID = l >> 2, tig = l % 4):
+//   A (16 x 16): a_i, i = 0..7, row = groupID + 8 * ((i / 2) % 2), col = 2 * tig + (i % 2) + 8 * (i / 4)
+//   B (16 x 8):  b_i, i = 0..3, row (k) = 2 * tig + (i % 2) + 8 * (i / 2), col (n) = groupID
+//   C (16 x 8):  c_i, i = 0..3, row = groupID + 8 * (i / 2), col = 2 * tig + (i % 2)
+// Register r holds elements 2r (low half) and 2r + 1 (high half).
+void isa_a(int lane, int i, int* row, int* col) {
+  *row = (lane >> 2) + 8 * ((i / 2) % 2);
+  *col = 2 * (lane % 4) + (i % 2) + 8 * (i / 4);
+}
+void isa_b(int lane, int i, int* k, int* n) {
+  *k = 2 * (lane % 4) + (i % 2) + 8 * (i / 2);
+  *n = lane >> 2;
+}
+void isa_c(int lane, int i, int* row, int* col) {
+  *row = (lane >> 2) + 8 * (i / 2);
+  *col = 2 * (lane % 4) + (i % 2);
+}
+
+// 8 row addresses (in 16-bit elements) of one ldmatrix phase: 32 distinct 4-byte banks?
+bool conflict_free(const int* elem_offsets) {
+  std::set<int> banks;
+  for (int t = 0; t < 8; ++t)
+    for (int b = 0; b < 4; ++b) banks.insert(((elem_offsets[t] * 2) / 4 + b) % 32);
+  return banks.size() == 32;
+}
+
+// ldmatrix.x4 emulation: addr[lane] = element offset of the row lane supplies; returns
+// out[lane][reg][half].
+void ldmatrix_x4(const std::vector<float>& sm, int base, const int* addr, float out[32][4][2]) {
+  for (int lane = 0; lane < 32; ++lane)
+    for (int j = 0; j < 4; ++j) {
+      const int src = addr[8 * j + lane / 4];
+      out[lane][j][0] = sm[base + src + 2 * (lane % 4)];
+      out[lane][j][1] = sm[base + src + 2 * (lane % 4) + 1];
+    }
+}
+
+// ---- the emulation -------------------------------------------------------------------------
+// prologue: conv_stats' input transform t(v) = relu(v * in_scale[c] + in_shift[c]) applied
+// in shared memory to the loaded (not zero-filled) vectors; padding must stay 0.
+template <int BN>
+void run_case(const Case& cs, unsigned seed, bool prologue = false) {
+  using T = ig::Tile<BN>;
+  constexpr int kWarpsM = T::kWarpsM, kWarpsN = T::kWarpsN, kStages = T::kStages;
+  constexpr int kThreads = kWarpsM * kWarpsN * 32;
+  constexpr int kWM = ig::kBM / kWarpsM, kWN = BN / kWarpsN;
+  constexpr int kMT = kWM / 16, kNT = kWN / 8;
+  constexpr int kATile = ig::kBM * ig::kBK, kBTile = BN * ig::kBK;
+  constexpr int kAIters = ig::kBM * ig::kChunks / kThreads;
+  constexpr int kBIters = BN * ig::kChunks / kThreads;
+
+  ig::ConvShape g;
+  g.n = cs.n; g.h = cs.h; g.w = cs.w; g.c = cs.c; g.k = cs.k; g.r = cs.r; g.s = cs.s;
+  g.sh = cs.sh; g.sw = cs.sw; g.ph = cs.ph; g.pw = cs.pw; g.dh = cs.dh; g.dw = cs.dw;
+  g.p = (cs.h + 2 * cs.ph - (cs.dh * (cs.r - 1) + 1)) / cs.sh + 1;
+  g.q = (cs.w + 2 * cs.pw - (cs.dw * (cs.s - 1) + 1)) / cs.sw + 1;
+  const int64_t M = g.rows(), KR = g.red();
+
+  // Inputs: small integers, so every float sum below is exact.
+  std::srand(seed);
+  std::vector<float> x(static_cast<size_t>(cs.n) * cs.h * cs.w * cs.c);
+  std::vector<float> wt(static_cast<size_t>(cs.k) * cs.r * cs.s * cs.c);
+  for (auto& v : x) v = static_cast<float>(std::rand() % 7 - 3);
+  for (auto& v : wt) v = static_cast<float>(std::rand() % 5 - 2);
+  std::vector<float> in_scale(cs.c), in_shift(cs.c);
+  for (auto& v : in_scale) v = static_cast<float>(std::rand() % 3 == 0 ? -1 : std::rand() % 2 + 1);
+  for (auto& v : in_shift) v = static_cast<float>(std::rand() % 3 - 1);
+  auto t = [&](float v, int64_t c) -> float {
+    if (!prologue) return v;
+    const float u = v * in_scale[c] + in_shift[c];
+    return u < 0.f ? 0.f : u;
+  };
+
+  // Independent im2col: A[m][k], B[k][n] straight from the convolution's definition.
+  auto A = [&](int64_t m, int64_t k) -> float {
+    if (m >= M || k >= KR) return 0.f;
+    const int64_t img = m / (g.p * g.q), p = (m / g.q) % g.p, q = m % g.q;
+    const int64_t c = k % cs.c, s = (k / cs.c) % cs.s, r = k / (static_cast<int64_t>(cs.c) * cs.s);
+    const int64_t ih = p * cs.sh - cs.ph + r * cs.dh, iw = q * cs.sw - cs.pw + s * cs.dw;
+    if (ih < 0 || iw < 0 || ih >= cs.h || iw >= cs.w) return 0.f;
+    return x[((img * cs.h + ih) * cs.w + iw) * cs.c + c];
+  };
+  // What the mma consumes: the transformed input, 0 at padding / out of range.
+  auto At = [&](int64_t m, int64_t k) -> float {
+    if (m >= M || k >= KR) return 0.f;
+    const int64_t img = m / (g.p * g.q), p = (m / g.q) % g.p, q = m % g.q;
+    const int64_t c = k % cs.c, s = (k / cs.c) % cs.s, r = k / (static_cast<int64_t>(cs.c) * cs.s);
+    const int64_t ih = p * cs.sh - cs.ph + r * cs.dh, iw = q * cs.sw - cs.pw + s * cs.dw;
+    if (ih < 0 || iw < 0 || ih >= cs.h || iw >= cs.w) return 0.f;
+    return t(x[((img * cs.h + ih) * cs.w + iw) * cs.c + c], c);
+  };
+  auto B = [&](int64_t k, int64_t n) -> float {
+    if (n >= cs.k || k >= KR) return 0.f;
+    return wt[n * KR + k];  // (K, R, S, C) dense: row n, reduction index k
+  };
+  // Naive direct convolution (loops over taps; no im2col) for the end-to-end check.
+  std::vector<double> ref(static_cast<size_t>(M) * cs.k, 0.0);
+  for (int64_t img = 0; img < cs.n; ++img)
+    for (int64_t p = 0; p < g.p; ++p)
+      for (int64_t q = 0; q < g.q; ++q)
+        for (int n = 0; n < cs.k; ++n) {
+          double acc = 0.0;
+          for (int r = 0; r < cs.r; ++r)
+            for (int s = 0; s < cs.s; ++s) {
+              const int64_t ih = p * cs.sh - cs.ph + r * cs.dh, iw = q * cs.sw - cs.pw + s * cs.dw;
+              if (ih < 0 || iw < 0 || ih >= cs.h || iw >= cs.w) continue;
+              for (int c = 0; c < cs.c; ++c)
+                acc += static_cast<double>(t(x[((img * cs.h + ih) * cs.w + iw) * cs.c + c], c)) *
+                       wt[((static_cast<int64_t>(n) * cs.r + r) * cs.s + s) * cs.c + c];
+            }
+          ref[((img * g.p + p) * g.q + q) * cs.k + n] = acc;
+        }
+
+  std::vector<float> y(static_cast<size_t>(M) * cs.k, -12345.f);
+  std::vector<float> smem(kStages * (kATile + kBTile));
+  const int k_tiles = static_cast<int>((KR + ig::kBK - 1) / ig::kBK);
+  const int64_t m_tiles = (M + ig::kBM - 1) / ig::kBM, n_tiles = (cs.k + BN - 1) / BN;
+
+  for (int64_t bx = 0; bx < m_tiles; ++bx)
+    for (int64_t by = 0; by < n_tiles; ++by) {
+      const int64_t m_block = bx * ig::kBM, n_block = by * BN;
+      std::vector<int> stage_tile(kStages, -1);  // which k-tile each stage holds
+
+      auto load_stage = [&](int stage, int kt) {
+        const int base = stage * (kATile + kBTile);
+        for (int tid = 0; tid < kThreads; ++tid) {
+          const int lchunk = ig::loader_chunk(tid);
+          const int k = kt * ig::kBK + lchunk * ig::kVec;
+          const ig::KInfo ki = ig::k_decompose(g, k);
+          for (int i = 0; i < kAIters; ++i) {
+            const int row = ig::loader_row(tid, i, kThreads);
+            const ig::RowInfo ri = ig::a_row(g, m_block + row);
+            int64_t off = 0;
+            const bool ok = ig::a_offset(g, ri, ki, &off);
+            const int dst = ig::swizzle(row, lchunk);
+            CHECK(dst >= 0 && dst + 8 <= kATile && dst % 8 == 0, "A dst %d", dst);
+            for (int e = 0; e < 8; ++e) {
+              const float v = ok ? x[off + e] : 0.f;
+              CHECK(v == A(m_block + row, k + e), "A load m=%lld k=%d", (long long)(m_block + row), k + e);
+              smem[base + dst + e] = v;
+            }
+          }
+          for (int i = 0; i < kBIters; ++i) {
+            const int row = ig::loader_row(tid, i, kThreads);
+            int64_t off = 0;
+            const bool ok = ig::b_offset(g, n_block + row, k, &off);
+            const int dst = ig::swizzle(row, lchunk);
+            CHECK(dst >= 0 && dst + 8 <= kBTile && dst % 8 == 0, "B dst %d", dst);
+            for (int e = 0; e < 8; ++e) smem[base + kATile + dst + e] = ok ? wt[off + e] : 0.f;
+          }
+        }
+        // Loader bank check: each phase of 8 consecutive threads stores 8 x 16 B.
+        for (int i = 0; i < kAIters; ++i)
+          for (int t0 = 0; t0 < kThreads; t0 += 8) {
+            int offs[8];
+            for (int t = 0; t < 8; ++t)
+              offs[t] = ig::swizzle(ig::loader_row(t0 + t, i, kThreads), ig::loader_chunk(t0 + t));
+            CHECK(conflict_free(offs), "loader phase t0=%d", t0);
+          }
+        stage_tile[stage] = kt;
+      };
+
+      // Accumulators per warp / lane / tile / element, as in the kernel.
+      std::vector<float> acc(static_cast<size_t>(kWarpsM * kWarpsN) * 32 * kMT * kNT * 4, 0.f);
+      auto acc_at = [&](int warp, int lane, int i, int j, int e) -> float& {
+        return acc[((((static_cast<size_t>(warp) * 32 + lane) * kMT + i) * kNT + j) * 4) + e];
+      };
+
+      // The kernel's pipeline order: prologue stages 0..S-2, then per kt: prefetch kt+S-1 into
+      // (kt+S-1) % S (the stage read at kt-1), compute kt from kt % S.
+      for (int s = 0; s < kStages - 1; ++s)
+        if (s < k_tiles) load_stage(s, s);
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        const int pre = kt + kStages - 1;
+        if (pre < k_tiles) {
+          CHECK(pre % kStages != kt % kStages, "prefetch overwrites the stage being read");
+          load_stage(pre % kStages, pre);
+        }
+        const int stage = kt % kStages;
+        CHECK(stage_tile[stage] == kt, "stage %d holds tile %d, expected %d", stage, stage_tile[stage], kt);
+        const int abase = stage * (kATile + kBTile), bbase = abase + kATile;
+        if (prologue) {  // the kernel's in-place transform: each thread its own copied vectors
+          for (int tid = 0; tid < kThreads; ++tid) {
+            const int lchunk = ig::loader_chunk(tid);
+            const ig::KInfo ki = ig::k_decompose(g, kt * ig::kBK + lchunk * ig::kVec);
+            if (!ki.valid) continue;
+            for (int i = 0; i < kAIters; ++i) {
+              int64_t off = 0;
+              if (!ig::a_offset(g, ig::a_row(g, m_block + ig::loader_row(tid, i, kThreads)), ki, &off)) continue;
+              float* v = &smem[abase + ig::swizzle(ig::loader_row(tid, i, kThreads), lchunk)];
+              for (int e = 0; e < 8; ++e) v[e] = t(v[e], ki.c + e);
+            }
+          }
+        }
+        for (int warp = 0; warp < kWarpsM * kWarpsN; ++warp) {
+          const int wm0 = ig::warp_row0(warp, kWarpsM, kWM), wn0 = ig::warp_col0(warp, kWarpsM, kWN);
+          for (int kk = 0; kk < ig::kBK / 16; ++kk) {
+            const int64_t k0 = static_cast<int64_t>(kt) * ig::kBK + kk * 16;
+            static float af[kMT][32][4][2], bf[kNT][32][2][2];
+            for (int i = 0; i < kMT; ++i) {
+              int addr[32];
+              for (int l = 0; l < 32; ++l) addr[l] = ig::ldsm_a_offset(wm0, i, kk, l);
+              for (int j = 0; j < 4; ++j) CHECK(conflict_free(addr + 8 * j), "A ldmatrix phase %d", j);
+              ldmatrix_x4(smem, abase, addr, af[i]);
+              for (int l = 0; l < 32; ++l)
+                for (int e = 0; e < 8; ++e) {
+                  int row, col;
+                  isa_a(l, e, &row, &col);
+                  const int64_t m = m_block + wm0 + i * 16 + row;
+                  CHECK(af[i][l][e / 2][e % 2] == At(m, k0 + col), "A fragment warp %d lane %d elem %d", warp, l, e);
+                }
+            }
+            for (int j = 0; j < kNT / 2; ++j) {
+              int addr[32];
+              float r[32][4][2];
+              for (int l = 0; l < 32; ++l) addr[l] = ig::ldsm_b_offset(wn0, j, kk, l);
+              for (int q = 0; q < 4; ++q) CHECK(conflict_free(addr + 8 * q), "B ldmatrix phase %d", q);
+              ldmatrix_x4(smem, bbase, addr, r);
+              for (int l = 0; l < 32; ++l)
+                for (int h = 0; h < 2; ++h) {  // the kernel's register order: r0,r1 -> tile 2j; r2,r3 -> 2j+1
+                  bf[2 * j][l][0][h] = r[l][0][h];
+                  bf[2 * j][l][1][h] = r[l][1][h];
+                  bf[2 * j + 1][l][0][h] = r[l][2][h];
+                  bf[2 * j + 1][l][1][h] = r[l][3][h];
+                }
+            }
+            for (int j = 0; j < kNT; ++j)
+              for (int l = 0; l < 32; ++l)
+                for (int e = 0; e < 4; ++e) {
+                  int kr, n;
+                  isa_b(l, e, &kr, &n);
+                  CHECK(bf[j][l][e / 2][e % 2] == B(k0 + kr, n_block + wn0 + j * 8 + n),
+                        "B fragment warp %d lane %d elem %d", warp, l, e);
+                }
+            // mma.m16n8k16: D = A * B + C with the ISA's fragment ownership.
+            for (int i = 0; i < kMT; ++i)
+              for (int j = 0; j < kNT; ++j) {
+                float Am[16][16], Bm[16][8];
+                for (int l = 0; l < 32; ++l) {
+                  for (int e = 0; e < 8; ++e) {
+                    int row, col;
+                    isa_a(l, e, &row, &col);
+                    Am[row][col] = af[i][l][e / 2][e % 2];
+                  }
+                  for (int e = 0; e < 4; ++e) {
+                    int kr, n;
+                    isa_b(l, e, &kr, &n);
+                    Bm[kr][n] = bf[j][l][e / 2][e % 2];
+                  }
+                }
+                for (int l = 0; l < 32; ++l)
+                  for (int e = 0; e < 4; ++e) {
+                    int row, col;
+                    isa_c(l, e, &row, &col);
+                    float sum = 0.f;
+                    for (int q = 0; q < 16; ++q) sum += Am[row][q] * Bm[q][col];
+                    acc_at(warp, l, i, j, e) += sum;
+                  }
+              }
+          }
+        }
+      }
+
+      // Epilogue: fragments -> smem tile by the kernel's acc_row / acc_col (checked against
+      // the ISA's C layout), then the 16-byte copy-out mapping.
+      const int cstride = BN + 8;
+      std::vector<float> ctile(static_cast<size_t>(ig::kBM) * cstride, -999.f);
+      for (int warp = 0; warp < kWarpsM * kWarpsN; ++warp) {
+        const int wm0 = ig::warp_row0(warp, kWarpsM, kWM), wn0 = ig::warp_col0(warp, kWarpsM, kWN);
+        for (int l = 0; l < 32; ++l)
+          for (int e = 0; e < 4; ++e) {
+            int row, col;
+            isa_c(l, e, &row, &col);
+            CHECK(ig::acc_row(l, e) == row && ig::acc_col(l, e) == col, "acc mapping lane %d e %d", l, e);
+          }
+        for (int i = 0; i < kMT; ++i)
+          for (int j = 0; j < kNT; ++j)
+            for (int l = 0; l < 32; ++l)
+              for (int e = 0; e < 4; ++e)
+                ctile[(wm0 + i * 16 + ig::acc_row(l, e)) * cstride + wn0 + j * 8 + ig::acc_col(l, e)] =
+                    acc_at(warp, l, i, j, e);
+      }
+      std::vector<int> written(static_cast<size_t>(ig::kBM) * BN, 0);
+      for (int idx = 0; idx < ig::kBM * (BN / ig::kVec); ++idx) {
+        const int row = ig::out_row(idx, BN), col = ig::out_col(idx, BN);
+        CHECK(row < ig::kBM && col + 8 <= BN, "copy-out idx %d", idx);
+        const int64_t m = m_block + row, n = n_block + col;
+        for (int e = 0; e < 8; ++e) ++written[row * BN + col + e];
+        if (m < M && n < cs.k)
+          for (int e = 0; e < 8; ++e) y[m * cs.k + n + e] = ctile[row * cstride + col + e];
+      }
+      for (int v : written) CHECK(v == 1, "copy-out covers each tile element once");
+    }
+
+  for (int64_t m = 0; m < M; ++m)
+    for (int n = 0; n < cs.k; ++n)
+      CHECK(static_cast<double>(y[m * cs.k + n]) == ref[m * cs.k + n], "y[m=%lld][n=%d] = %g, conv %g",
+            (long long)m, n, y[m * cs.k + n], ref[m * cs.k + n]);
+}
+
+// Offsets past 2^31: the last pixel of a 1024 x 64 x 224 x 224 input (3.3e9 elements).
+void check_64bit() {
+  ig::ConvShape g;
+  g.n = 1024; g.h = 224; g.w = 224; g.c = 64; g.k = 64; g.r = 3; g.s = 3;
+  g.sh = 1; g.sw = 1; g.ph = 1; g.pw = 1; g.dh = 1; g.dw = 1; g.p = 224; g.q = 224;
+  const int64_t m = g.rows() - 1;  // image 1023, pixel (223, 223)
+  const ig::RowInfo ri = ig::a_row(g, m);
+  const int k = (1 * 3 + 0) * 64 + 56;  // tap (r=1, s=0), channel 56 -> input (223, 222)
+  const ig::KInfo ki = ig::k_decompose(g, k);
+  int64_t off = 0;
+  CHECK(ig::a_offset(g, ri, ki, &off), "in-image tap");
+  const int64_t expect = ((int64_t{1023} * 224 + 223) * 224 + 222) * 64 + 56;
+  CHECK(off == expect && off > (int64_t{1} << 31), "64-bit offset %lld != %lld", (long long)off,
+        (long long)expect);
+  const ig::KInfo ki2 = ig::k_decompose(g, (2 * 3 + 2) * 64);  // (r=2, s=2): row 224 = padding
+  CHECK(!ig::a_offset(g, ri, ki2, &off), "bottom-right padding tap");
+  CHECK(!ig::a_row(g, g.rows()).valid, "row M is out of range");
+}
+
+}  // namespace
+
+int main() {
+  check_64bit();
+  // n, c, h, w, k, r, s, sh, sw, ph, pw, dh, dw
+  const Case small_k[] = {
+      {2, 16, 9, 9, 24, 3, 3, 1, 1, 1, 1, 1, 1},   // C < kBK: k-tiles span taps; K=24 partial tile
+      {3, 8, 7, 5, 16, 3, 3, 2, 2, 1, 1, 1, 1},    // stride 2, odd H, 5 wide, C=8
+      {1, 24, 11, 10, 8, 3, 3, 1, 1, 2, 2, 2, 2},  // dilation 2, padding 2, C=24 (odd vector count)
+      {2, 8, 15, 15, 64, 7, 7, 2, 2, 3, 3, 1, 1},  // 7x7 stride 2 pad 3 (stem-like, C padded to 8)
+      {1, 32, 6, 9, 40, 1, 3, 1, 2, 0, 1, 1, 1},   // rectangular filter and stride
+  };
+  const Case big_k[] = {
+      {2, 64, 8, 8, 128, 1, 1, 2, 2, 0, 0, 1, 1},  // 1x1 stride 2 (projection shortcut)
+      {1, 32, 9, 7, 200, 3, 3, 1, 1, 1, 1, 2, 1},  // K=200: two n-tiles, the second partial
+      {2, 40, 12, 12, 136, 3, 3, 1, 1, 1, 1, 1, 1},  // M = 288: partial m-tile; KR=360 partial k-tile
+  };
+  unsigned seed = 1;
+  for (const Case& c : small_k) run_case<64>(c, seed++);
+  for (const Case& c : big_k) run_case<128>(c, seed++);
+  // The tile choice is by K only; each config must also be right for the other's shapes.
+  run_case<128>(small_k[0], seed++);
+  run_case<64>(big_k[1], seed++);
+  // conv_stats' fused prologue: padding must stay 0 after relu(x * scale + shift).
+  run_case<64>(small_k[0], seed++, true);
+  run_case<64>(small_k[2], seed++, true);
+  run_case<128>(big_k[2], seed++, true);
+  std::printf("OK %lld checks\n", g_checks);
+  return 0;
+}

@@ -1,0 +1,170 @@
+// Index math of the implicit-GEMM convolution (igemm.cu), kept free of CUDA intrinsics so
+// that the same functions run in the kernel and in the host-only emulation test
+// (csrc/cuda/host_test/igemm_host_test.cpp, driven by tests/test_igemm_host.py).
+//
+// The GEMM view of conv(x, w) with x NHWC (N, H, W, C) and w as (K, R, S, C) (the
+// channels_last-contiguous weight):
+//   rows    m in [0, M),    M = N * P * Q     (one output pixel (n, p, q) each)
+//   columns n in [0, K)                      (output channels)
+//   reduction k in [0, KR), KR = R * S * C   (k = (r * S + s) * C + c: contiguous in x's
+//                                             channels and in w's rows)
+//   A[m][k] = x[n][p*sh - ph + r*dh][q*sw - pw + s*dw][c]   (0 outside the image: padding)
+//   B[k][n] = w[n][r][s][c]                                  (w is B^T, row-major)
+// Every 16-byte vector (8 elements) of the reduction lies inside one (r, s) because
+// C % 8 == 0, so one predicate and one address per vector suffice.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FR_HD __host__ __device__ __forceinline__
+#else
+#define FR_HD inline
+#endif
+
+namespace fused_resnet {
+namespace cuda {
+namespace igemm {
+
+constexpr int kBM = 128;     // CTA tile rows (output pixels); also the statistics chunk
+constexpr int kBK = 32;      // CTA tile depth (reduction elements per pipeline stage)
+constexpr int kVec = 8;      // elements per 16-byte vector (f16/bf16)
+constexpr int kChunks = kBK / kVec;  // 16-byte vectors per smem tile row (4)
+
+struct ConvShape {
+  int64_t n, h, w, c;   // input (NHWC)
+  int64_t k;            // output channels
+  int r, s;             // filter
+  int64_t p, q;         // output spatial size
+  int sh, sw, ph, pw, dh, dw;
+  FR_HD int64_t rows() const { return n * p * q; }
+  FR_HD int64_t red() const { return static_cast<int64_t>(r) * s * c; }
+};
+
+// The two CTA tile configurations (kBM x BN): warps and pipeline depth. Warp tiles are
+// 64 x 32 in both. Static shared memory stays <= 48 KiB:
+//   BN = 128: 3 stages x (128 + 128) x 32 x 2 B = 48 KiB
+//   BN =  64: 4 stages x (128 +  64) x 32 x 2 B = 48 KiB
+template <int BN>
+struct Tile;
+template <>
+struct Tile<128> {
+  static constexpr int kWarpsM = 2, kWarpsN = 4, kStages = 3;
+};
+template <>
+struct Tile<64> {
+  static constexpr int kWarpsM = 2, kWarpsN = 2, kStages = 4;
+};
+
+// Per-row (output pixel) data a loader thread keeps for the whole main loop.
+struct RowInfo {
+  int64_t base;  // element offset of image n in x (n * H * W * C)
+  int ih0;       // p * sh - ph: input row of filter tap r = 0
+  int iw0;       // q * sw - pw
+  bool valid;    // m < M
+};
+
+FR_HD RowInfo a_row(const ConvShape& g, int64_t m) {
+  RowInfo ri{0, 0, 0, false};
+  if (m < g.rows()) {
+    const int64_t pq = g.p * g.q;
+    const int64_t img = m / pq;
+    const int64_t rem = m - img * pq;
+    const int64_t op = rem / g.q;
+    const int64_t oq = rem - op * g.q;
+    ri.base = img * g.h * g.w * g.c;
+    ri.ih0 = static_cast<int>(op * g.sh - g.ph);
+    ri.iw0 = static_cast<int>(oq * g.sw - g.pw);
+    ri.valid = true;
+  }
+  return ri;
+}
+
+// Reduction index k -> (filter tap r, s; channel c). k < KR < 2^31 (checked by the launcher).
+struct KInfo {
+  int r, s, c;
+  bool valid;  // k < KR
+};
+
+FR_HD KInfo k_decompose(const ConvShape& g, int k) {
+  KInfo ki{0, 0, 0, false};
+  const int cc = static_cast<int>(g.c);
+  if (static_cast<int64_t>(k) < g.red()) {
+    const int rs = k / cc;
+    ki.c = k - rs * cc;
+    ki.r = rs / g.s;
+    ki.s = rs - ki.r * g.s;
+    ki.valid = true;
+  }
+  return ki;
+}
+
+// Global element offset of A[m][k..k+7] in x, or false when the vector is padding / out of
+// range (the loader then zero-fills it: cp.async with src-size 0).
+FR_HD bool a_offset(const ConvShape& g, const RowInfo& ri, const KInfo& ki, int64_t* off) {
+  if (!ri.valid || !ki.valid) return false;
+  const int ih = ri.ih0 + ki.r * g.dh;
+  const int iw = ri.iw0 + ki.s * g.dw;
+  if (ih < 0 || iw < 0 || ih >= g.h || iw >= g.w) return false;
+  *off = ri.base + (static_cast<int64_t>(ih) * g.w + iw) * g.c + ki.c;
+  return true;
+}
+
+// Global element offset of B^T row n (= w[n]) at reduction index k, or false (zero-fill).
+FR_HD bool b_offset(const ConvShape& g, int64_t n, int k, int64_t* off) {
+  if (n >= g.k || static_cast<int64_t>(k) >= g.red()) return false;
+  *off = n * g.red() + k;
+  return true;
+}
+
+// Shared-memory tile [rows][kBK] of 16-bit elements, 64 bytes a row, 16-byte vector `chunk`
+// (0..3) stored at chunk ^ ((row >> 1) & 3). An ldmatrix phase reads one logical chunk of 8
+// consecutive rows; their physical 16-byte units ((row & 1) * 4 + swizzled chunk within a
+// 128-byte line) are then all different, i.e. the 8 rows hit all 32 banks once:
+// conflict-free, and so are the loaders' 16-byte cp.async stores (4 threads a row).
+FR_HD int swizzle(int row, int chunk) { return row * kBK + ((chunk ^ ((row >> 1) & 3)) * kVec); }
+
+// Loader assignment: thread t copies 16-byte vector column (t & 3) of tile rows
+// (t >> 2) + i * (threads / 4), i = 0, 1, ...
+FR_HD int loader_chunk(int tid) { return tid & 3; }
+FR_HD int loader_row(int tid, int i, int threads) { return (tid >> 2) + i * (threads / 4); }
+
+// ldmatrix.x4 addresses. Lane l supplies the address of row (l & 7) of 8x8 matrix (l >> 3).
+// A (16 x 16 at (m0, k0), row-major in smem): matrices 0..3 = (rows 0-7, k 0-7),
+// (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15): exactly mma's a0a1, a2a3,
+// a4a5, a6a7 registers.
+FR_HD int ldsm_a_row(int lane) { return lane & 15; }
+FR_HD int ldsm_a_chunk(int lane) { return lane >> 4; }
+// B (two n8 tiles, 16 n x 16 k at (n0, k0); smem holds B^T, i.e. [n][k]): matrices 0..3 =
+// (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) = b0, b1 of n-tile 0,
+// b0, b1 of n-tile 1 (non-transposed ldmatrix: a row of the [n][k] matrix is one n).
+FR_HD int ldsm_b_row(int lane) { return (lane & 7) + ((lane >> 4) << 3); }
+FR_HD int ldsm_b_chunk(int lane) { return (lane >> 3) & 1; }
+
+// Warp tiling of a CTA: warps_m x warps_n warps, warp w at rows (w % warps_m) * wm,
+// columns (w / warps_m) * wn; each warp computes (wm / 16) x (wn / 8) mma tiles.
+FR_HD int warp_row0(int warp, int warps_m, int wm) { return (warp % warps_m) * wm; }
+FR_HD int warp_col0(int warp, int warps_m, int wn) { return (warp / warps_m) * wn; }
+
+// Accumulator fragment of mma.m16n8k16 (f32 C/D): element e (0..3) of lane l sits at
+// row (l >> 2) + 8 * (e >> 1), column 2 * (l & 3) + (e & 1) of the 16 x 8 tile.
+FR_HD int acc_row(int lane, int e) { return (lane >> 2) + 8 * (e >> 1); }
+FR_HD int acc_col(int lane, int e) { return 2 * (lane & 3) + (e & 1); }
+
+// Composed: smem element offset (within one stage's A or B tile) of the 16-byte row that
+// `lane` hands to ldmatrix.x4 for A mma tile i of a warp at row wm0, k16 step kk; and for
+// B n-tile pair j of a warp at column wn0.
+FR_HD int ldsm_a_offset(int wm0, int i, int kk, int lane) {
+  return swizzle(wm0 + i * 16 + ldsm_a_row(lane), kk * 2 + ldsm_a_chunk(lane));
+}
+FR_HD int ldsm_b_offset(int wn0, int j, int kk, int lane) {
+  return swizzle(wn0 + j * 16 + ldsm_b_row(lane), kk * 2 + ldsm_b_chunk(lane));
+}
+
+// Epilogue copy-out: thread-strided index idx over the BM x (BN / 8) vectors of the tile.
+FR_HD int out_row(int idx, int bn) { return idx / (bn / kVec); }
+FR_HD int out_col(int idx, int bn) { return (idx % (bn / kVec)) * kVec; }
+
+}  // namespace igemm
+}  // namespace cuda
+}  // namespace fused_resnet
