@@ -214,3 +214,57 @@ def test_pack_cache_threads(pack_cache, monkeypatch):
         errors = [e for e in pool.map(work, range(8)) if e]
     assert not errors, errors
     assert pack_cache.cache_info()["hits"] > 0
+
+
+# ----------------------------------------------------------------------------- conv tuning candidates
+# fused_resnet.triton._tuning is pure Python (no triton import).
+
+H100 = dict(smem=227 * 1024, n_sm=132)
+A100 = dict(smem=163 * 1024, n_sm=108)
+
+
+def _resnet50_gemms(batch):
+    import torchvision
+
+    from fused_resnet.bench.shapes import conv_shapes
+
+    for s in conv_shapes(torchvision.models.resnet50(), batch, 224):
+        p, q = s.out_hw
+        yield s.name, batch * p * q, s.k, s.c
+
+
+@pytest.mark.parametrize("batch", [32, 256])
+def test_tuning_candidates_for_resnet50(batch):
+    from fused_resnet.triton import _tuning
+
+    menu = _tuning.menu()
+    for name, m, k, c in _resnet50_gemms(batch):
+        for elem, dev in ((2, H100), (2, A100), (4, A100)):
+            kept = _tuning.select(menu, m, k, c, 1, elem, **dev)
+            assert 1 <= len(kept) <= _tuning.MAX_CANDIDATES, (name, kept)
+            want_bk = 16 if c == 3 else (64 if elem == 2 else 32)
+            for bm, bn, bk, _warps, stages in kept:
+                assert bk == want_bk, (name, kept)
+                assert min(64, k) <= bn <= k, (name, kept)  # K is a power of two in ResNet-50
+                assert stages * (bm + bn) * bk * elem + 18 * 1024 <= dev["smem"], (name, kept)
+
+
+def test_tuning_candidates_by_hand():
+    from fused_resnet.triton import _tuning
+
+    menu = _tuning.menu()
+    # layer4 3x3 at batch 32: M = 32 * 7 * 7 = 1568, N = 512. Tile counts: 64x64 -> 25 * 8 = 200
+    # (one H100 wave of 132 or more), 128x64 -> 13 * 8 = 104, 64x128 -> 25 * 4 = 100; every larger
+    # tile makes fewer. So: the only one-wave tile, then the two with the most tiles.
+    kept = _tuning.select(menu, 1568, 512, 512, 1, 2, **H100)
+    assert sorted(kept) == sorted([(64, 64, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)])
+    # layer4 3x3 at batch 256 (M = 12544): 128x128 makes 98 * 4 = 392 tiles: the largest tiles win.
+    kept = _tuning.select(menu, 12544, 512, 512, 1, 2, **H100)
+    assert (128, 128, 64, 8, 4) in kept and all(bm * bn == 128 * 128 for bm, bn, *_ in kept)
+    # ResNeXt-50 32x4d layer1 grouped 3x3: 4 channels per group -> the narrowest tile only.
+    assert _tuning.select(menu, 8 * 56 * 56, 4, 4, 32, 2, **H100) == [(64, 16, 16, 4, 3)]
+    # float32 at 4 bytes: BLOCK_K 32 keeps a stage's bytes; nothing over the A100's shared memory.
+    kept = _tuning.select(menu, 200704, 128, 128, 1, 4, **A100)
+    assert kept and all(bk == 32 for _, _, bk, _, _ in kept)
+    # Never empty, even when nothing fits the shared memory.
+    assert len(_tuning.select(menu, 1000, 64, 64, 1, 2, smem=1024, n_sm=132)) == 1
