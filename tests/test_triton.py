@@ -169,6 +169,17 @@ def test_pack_cache_bypasses(pack_cache):
     assert pack_cache.cache_info()["entries"] == 0 and pack_cache.cache_info()["bypassed"] == 2
 
 
+def test_pack_cache_bypassed_while_a_cuda_graph_is_captured(pack_cache, monkeypatch):
+    """The condition only (capturing needs a GPU; tests/gpu replays a captured graph after an
+    in-place weight update)."""
+    w = torch.randn(4, 4, 3, 3)
+    assert pack_cache._capturing(w.device) is False  # never on a CPU tensor
+    monkeypatch.setattr(pack_cache, "_capturing", lambda device: True)
+    assert "CUDA graph" in pack_cache.bypass_reason(w)
+    pack_cache.packed_weight(w, 1)
+    assert pack_cache.cache_info()["entries"] == 0
+
+
 def test_pack_cache_is_traced_not_baked_in(pack_cache):
     """Under make_fx (the tracing torch.compile/export use) a cached weight would become a
     constant of the graph: the packing must appear as ops on the graph's input instead."""

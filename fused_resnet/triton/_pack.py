@@ -29,7 +29,10 @@ Decisions (each one is a way a stale or wrong packed weight could otherwise be s
 * **Bypassed** (packed afresh, nothing stored) when a cached tensor would be wrong or cannot be
   checked: under ``torch.compile`` / ``torch.export`` tracing (``torch.compiler.is_compiling()``
   or an active ``TorchDispatchMode`` such as FakeTensorMode/proxy tracing: the packing must be
-  traced into the graph, not read as a constant), for tensor subclasses (FakeTensor,
+  traced into the graph, not read as a constant), while a CUDA graph is being captured on the
+  current stream (a replay runs no Python, so a cached packed weight would be replayed as a
+  constant even after an optimizer step updated the weight in place; packing inside the
+  capture makes every replay repack), for tensor subclasses (FakeTensor,
   FunctionalTensor, DTensor, ...: no real address), for inference tensors (no version counter,
   so an in-place update could not be seen), and for empty weights.
 * **Known hole**: writes through ``weight.data`` (or ``detach()`` under ``torch.no_grad`` of a
@@ -86,12 +89,19 @@ _dead: list[tuple] = []  # keys whose weight died while the lock was held (list.
 _stats = {"hits": 0, "misses": 0, "bypassed": 0, "evictions": 0}
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (never true off CUDA)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def bypass_reason(weight: torch.Tensor) -> str | None:
     """None when ``weight``'s packed copy may be cached, else why not (see the module docstring)."""
     if torch.compiler.is_compiling():
         return "tracing under torch.compile"
     if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
         return "a TorchDispatchMode is active (fake/proxy tracing)"
+    if _capturing(weight.device):
+        return "a CUDA graph is being captured"
     if type(weight) not in (torch.Tensor, torch.nn.Parameter):
         return f"tensor subclass {type(weight).__name__}"
     if weight.is_inference():

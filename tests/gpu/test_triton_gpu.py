@@ -451,3 +451,81 @@ def test_autotuning_is_cached_on_disk(tmp_path):
         assert r.returncode == 0 and "done" in r.stdout, r.stdout + r.stderr
     assert "Triton autotuning for function conv_kernel" in runs[0].stdout, runs[0].stdout
     assert "Triton autotuning for function conv_kernel" not in runs[1].stdout, runs[1].stdout
+
+
+# ---------------------------------------------------------------------------------------
+# autocast, the packed-weight cache, the tuning candidates
+
+
+def test_autocast_bf16_casts_like_conv2d():
+    """Under torch.autocast("cuda", bfloat16) float32 activations are cast as F.conv2d's are;
+    per-channel vectors and statistics stay float32."""
+    case = RESNET50[1]
+    x, w = conv_inputs(case, torch.float32)
+    scale, shift = vec(case.k, positive=True), vec(case.k)
+    res = rand(case.n, case.k, *case.out_hw(), dtype=torch.float32)
+    bf = torch.bfloat16
+    with torch.autocast("cuda", dtype=bf):
+        y = T().conv_bn_act(x, w, scale, shift, res, *case.args, True)
+        z, stats = T().conv_stats(x, w, None, None, False, *case.args)
+        out = T().bn_add_act(z, scale, shift, res, None, None, True)
+        conv_dtype = F.conv2d(x, w, None, *case.args).dtype
+    assert y.dtype == z.dtype == out.dtype == conv_dtype == bf and stats.dtype == torch.float32
+    xb, wb, rb = x.to(bf), w.to(bf), res.to(bf)
+    expected = ref.conv_bn_act(d64(xb), d64(wb), d64(scale), d64(shift), d64(rb), *case.args, relu=True)
+    assert_rule(y, expected, bf, eager_conv_bn_act(xb, wb, scale, shift, rb, case, True), "autocast conv_bn_act")
+
+
+def test_packed_weight_cache_on_cuda():
+    from fused_resnet.triton import _pack
+
+    _pack.clear()
+    case = RESNET50[2]
+    x, w = conv_inputs(case, torch.bfloat16)
+    scale, shift = vec(case.k, positive=True), vec(case.k)
+    y1 = T().conv_bn_act(x, w, scale, shift, None, *case.args, False)
+    T().conv_bn_act(x, w, scale, shift, None, *case.args, False)
+    assert _pack.cache_info()["hits"] >= 1
+    w.mul_(-1)  # in place: the next call must repack
+    y2 = T().conv_bn_act(x, w, scale, shift, None, *case.args, False)
+    expected = ref.conv_bn_act(d64(x), d64(w), d64(scale), d64(shift), None, *case.args, relu=False)
+    assert_rule(y2, expected, torch.bfloat16, eager_conv_bn_act(x, w, scale, shift, None, case, False),
+                "after w.mul_(-1)")
+    assert not torch.allclose(y1, y2)
+
+
+def test_cuda_graph_replay_sees_in_place_weight_updates():
+    """A captured conv must repack on every replay: the weight changes between replays (an
+    optimizer step), and a packed copy cached before the capture would be replayed as stale."""
+    from fused_resnet.triton import _pack
+
+    case = Conv(8, 64, 28, 28, 64)
+    x, w = conv_inputs(case, torch.float16)
+    scale, shift = vec(case.k, positive=True), vec(case.k)
+    T().conv_bn_act(x, w, scale, shift, None, *case.args, False)  # cached before the capture
+    graph, y = _capture(lambda: T().conv_bn_act(x, w, scale, shift, None, *case.args, False))
+    for _ in range(2):
+        w.add_(rand(*w.shape, dtype=torch.float16, channels_last=False, scale=0.05))
+        graph.replay()
+        torch.cuda.synchronize()
+        _pack.clear()
+        fresh = T().conv_bn_act(x, w, scale, shift, None, *case.args, False)
+        torch.testing.assert_close(y, fresh)
+
+
+def test_at_most_three_tuning_candidates(monkeypatch):
+    from fused_resnet.triton import _tuning, conv
+
+    kept = []
+    real = conv._prune
+
+    def spy(configs, named_args, **kw):
+        out = real(configs, named_args, **kw)
+        kept.append(len(out))
+        return out
+
+    monkeypatch.setattr(conv.conv_kernel, "early_config_prune", spy)
+    case = Conv(8, 256, 14, 14, 256)  # not used by the other tests: tunes here
+    x, w = conv_inputs(case, torch.bfloat16)
+    T().conv_bn_act(x, w, vec(case.k, positive=True), vec(case.k), None, *case.args, True)
+    assert kept and all(1 <= n <= _tuning.MAX_CANDIDATES for n in kept), kept
