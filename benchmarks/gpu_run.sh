@@ -17,6 +17,14 @@
 #   4. bench      a) fused-resnet bench (resnet50, bf16, batch 64; every level and mode;
 #                    torch.compile at model level only; --time-budget)            rest - 180 s
 #                 b) max-autotune + freezing, model inference, own process        rest - 20 s
+#                 c) per layer (only when BENCH_STEPS names "layers"; default BENCH_STEPS=main,max):
+#                    every distinct ResNet-50 conv, inference, bf16 channels_last, at each batch of
+#                    LAYER_BATCHES (default "32 256"), one process and one results/layers_b<B>.json
+#                    each: fused cuda + triton vs conv_only (cuDNN conv alone: the %conv column),
+#                    eager_cl (cuDNN conv + separate eager BN/add/ReLU: the "vs cl" column) and
+#                    cudnn_fused; the time left is shared between the batches. Run it as a second
+#                    call on the warm machine: SKIP_BUILD=1 BENCH_STEPS=layers benchmarks/gpu_run.sh
+#                    (6 files then; with main and max too it would be 10, over the limit of 8)
 #   5. summary    the short table, printed last
 #
 # Writes (8 files, the device tool's limit): build.log, check.log, tests.log, bench.log,
@@ -75,21 +83,48 @@ rm -f igemm.tmp
 
 # 4a. everything but max-autotune, leaving ~150 s for 4b; --time-budget stops new measurements
 #     in time, and the outer timeout only guards against one measurement running away
+BENCH_STEPS=",${BENCH_STEPS:-main,max},"
 BUDGET=$(( $(left) - 180 ))
 step "bench, budget ${BUDGET}s (log: bench.log)"
-if [ "$BUDGET" -gt 60 ]; then
+: > bench.log
+if [ "${BENCH_STEPS#*,main,}" = "$BENCH_STEPS" ]; then
+  echo "BENCH_STEPS has no 'main': skipped" | tee -a bench.log; BENCH_RC=skipped
+elif [ "$BUDGET" -gt 60 ]; then
   timeout $(( BUDGET + 60 )) "$PY" -m fused_resnet.cli bench --no-progress --compile-levels model --time-budget "$BUDGET" \
-    --baselines eager,eager_cl,cudnn_fused,compile --results results ${BENCH_ARGS:-} > bench.log 2>&1
+    --baselines eager,eager_cl,cudnn_fused,conv_only,compile --results results ${BENCH_ARGS:-} > bench.log 2>&1
   BENCH_RC=$?
 else
   echo "no time left for the benchmark" | tee bench.log
   BENCH_RC=1
 fi
+# 4c. per layer at LAYER_BATCHES (see the header), before 4b so max-autotune cannot starve it
+LAYERS_RC=skipped
+if [ "${BENCH_STEPS#*,layers,}" != "$BENCH_STEPS" ]; then
+  set -- ${LAYER_BATCHES:-32 256}
+  LAYERS_RC=
+  while [ $# -gt 0 ]; do
+    RESERVE=0; [ "${BENCH_STEPS#*,max,}" != "$BENCH_STEPS" ] && RESERVE=160
+    LB=$(( ($(left) - 20 - RESERVE) / $# - 30 ))
+    step "bench per layer, batch $1, budget ${LB}s (log: bench.log, results/layers_b$1.json)"
+    if [ "$LB" -gt 30 ]; then
+      timeout $(( LB + 30 )) "$PY" -m fused_resnet.cli bench --no-progress --levels layer --mode inference \
+        --batch "$1" --layer-batch "$1" --dtype bfloat16 --backends cuda,triton \
+        --baselines conv_only,eager_cl,cudnn_fused --time-budget "$LB" --json "results/layers_b$1.json" \
+        ${BENCH_ARGS:-} >> bench.log 2>&1
+      LAYERS_RC="$LAYERS_RC$?,"
+    else
+      echo "no time left for the per-layer run at batch $1" | tee -a bench.log; LAYERS_RC="${LAYERS_RC}none,"
+    fi
+    shift
+  done
+fi
 # 4b. torch.compile(mode="max-autotune") + freezing, whole-model inference only, in its own process
 #     so that a tuning run cut by the timeout loses only this row
 MAXT=$(( $(left) - 20 ))
 step "bench max-autotune, ${MAXT}s (log: bench.log, results/compile_max.json)"
-if [ "$MAXT" -gt 60 ]; then
+if [ "${BENCH_STEPS#*,max,}" = "$BENCH_STEPS" ]; then
+  echo "BENCH_STEPS has no 'max': skipped" >> bench.log; MAX_RC=skipped
+elif [ "$MAXT" -gt 60 ]; then
   timeout "$MAXT" "$PY" -m fused_resnet.cli bench --no-progress --levels model --mode inference --backends cuda \
     --baselines eager_cl,compile_max --json results/compile_max.json ${BENCH_ARGS:-} >> bench.log 2>&1
   MAX_RC=$?
@@ -99,7 +134,7 @@ else
 fi
 
 step "summary"
-echo "build rc=$BUILD_RC  check rc=$CHECK_RC  tests rc=$TESTS_RC  igemm tests rc=$IGEMM_TESTS_RC  igemm bench rc=$IGEMM_RC  bench rc=$BENCH_RC  max-autotune rc=$MAX_RC (124 = timed out)"
+echo "build rc=$BUILD_RC  check rc=$CHECK_RC  tests rc=$TESTS_RC  igemm tests rc=$IGEMM_TESTS_RC  igemm bench rc=$IGEMM_RC  bench rc=$BENCH_RC  per-layer rc=$LAYERS_RC  max-autotune rc=$MAX_RC (124 = timed out)"
 "$PY" - <<'PYEOF'
 import glob, json
 from fused_resnet.bench import report
