@@ -18,6 +18,10 @@ Decisions:
   running variance), so it is read back to the host: one device sync per BN layer, as
   ``nn.SyncBatchNorm`` has.
 * Without an initialized process group, or with a group of one, statistics pass through.
+* Deterministic: the gathered statistics are merged in rank order in float64 (no reduction whose
+  order depends on timing), so every rank gets bitwise the same result, run after run.
+* Device: whatever the process group's backend supports -- unlike ``nn.SyncBatchNorm``, which
+  refuses CPU tensors, fused blocks synchronize CPU tensors over gloo too.
 """
 
 from __future__ import annotations
