@@ -279,3 +279,105 @@ def test_tuning_candidates_by_hand():
     assert kept and all(bk == 32 for _, _, bk, _, _ in kept)
     # Never empty, even when nothing fits the shared memory.
     assert len(_tuning.select(menu, 1000, 64, 64, 1, 2, smem=1024, n_sm=132)) == 1
+
+
+# ----------------------------------------------------------------------------- GPU compile without a GPU
+# The interpreter cannot tell whether a kernel compiles for a GPU. triton.compile for an explicit
+# target needs no device (ptxas ships with triton): every kernel family is compiled for sm_90
+# here, as the JIT would specialise it for ResNet-50's channel counts (multiples of 16).
+
+
+def _gpu_compile(fn, consts, types, num_warps, num_stages=3, arch=90, div16=()):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps,
+                                                                             "num_stages": num_stages})
+
+
+def _stack_bytes(kernel):
+    import re
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"STACK:(\d+)", out)
+    return int(m.group(1)) if m else None
+
+
+def _needs_compiler():
+    if fr_triton.triton_import_error() is not None:
+        pytest.skip("triton does not import")
+    if ALREADY_INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: the kernels are interpreter functions here")
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton has no bundled ptxas")
+
+
+_F32_PTRS = ("scale_ptr", "shift_ptr", "in_scale_ptr", "in_shift_ptr", "pmean_ptr", "plo_ptr", "pm2_ptr")
+
+
+@pytest.mark.parametrize("variant", ["3x3-stats-prologue-bf16", "1x1-gemm-res-bf16", "3x3-res-fp32-tf32",
+                                     "7x7-stem-c3-bf16"])
+def test_conv_kernel_compiles_for_sm90(variant):
+    _needs_compiler()
+    from fused_resnet.triton import conv
+
+    fn = conv.conv_kernel.fn
+    dt = "fp32" if "fp32" in variant else "bf16"
+    r = 7 if "7x7" in variant else (1 if "1x1" in variant else 3)
+    stats = "stats" in variant
+    tiles = {"3x3-stats-prologue-bf16": (128, 128, 64, 8, 4), "1x1-gemm-res-bf16": (64, 256, 64, 8, 3),
+             "3x3-res-fp32-tf32": (128, 128, 32, 8, 4), "7x7-stem-c3-bf16": (128, 64, 16, 4, 4)}
+    bm, bn, bk, warps, stages = tiles[variant]
+    consts = dict(R=r, S=r, PROLOGUE=stats, HAS_IN_SCALE=stats, HAS_IN_SHIFT=stats, IN_RELU=stats, STATS=stats,
+                  HAS_RES=not stats, RELU=True, IS_GEMM=r == 1, INPUT_PRECISION="tf32", STAT_ROWS=conv.STAT_ROWS,
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    types = {n: ("*fp32" if n in _F32_PTRS else f"*{dt}") for n in fn.arg_names if n.endswith("_ptr")}
+    div16 = [n for n in types] + ["K", "Kg", "M"] + ([] if r == 7 else ["C", "Cg"])  # the stem has C = 3
+    k = _gpu_compile(fn, consts, types, warps, stages, div16=div16)
+    ptx = k.asm["ptx"]
+    assert "wgmma.mma_async" in ptx  # Hopper tensor cores
+    if r != 7:
+        assert "cp.async" in ptx  # the reduction loop is software-pipelined
+        assert k.metadata.shared >= stages * (bm + bn) * bk * (4 if dt == "fp32" else 2) * 2 // 3
+    if bm * bn == 128 * 128:
+        assert _stack_bytes(k) in (0, None), "the workhorse tile spills registers"
+
+
+def test_bn_kernels_compile_for_sm90():
+    _needs_compiler()
+    from fused_resnet.triton import bn, conv
+
+    f32 = "*fp32"
+    act = "*bf16"
+    _gpu_compile(conv.stats_reduce_kernel, dict(STAT_ROWS=16, BLOCK_S=64, BLOCK_K=64), dict.fromkeys(
+        ("pmean_ptr", "plo_ptr", "pm2_ptr", "stats_ptr"), f32), 4)
+    _gpu_compile(bn.bn_finalize_kernel, dict(HAS_GAMMA=True, HAS_BETA=True, BLOCK=256),
+                 {**{n: f32 for n in bn.bn_finalize_kernel.arg_names if n.endswith("_ptr")}, "eps": "fp32"}, 4)
+    _gpu_compile(bn.bn_update_running_stats_kernel, dict(HAS_NBT=True, CUMULATIVE=False, BLOCK=256),
+                 {"stats_ptr": f32, "rmean_ptr": f32, "rvar_ptr": f32, "nbt_ptr": "*i64", "momentum": "fp32"}, 4)
+    flags = dict(HAS_RES=True, HAS_RSCALE=True, HAS_RSHIFT=True, RELU=True, BLOCK_M=64, BLOCK_K=64)
+    vecs = ("scale_ptr", "shift_ptr", "rscale_ptr", "rshift_ptr")
+    _gpu_compile(bn.bn_add_act_kernel, flags,
+                 {n: (f32 if n in vecs else act) for n in bn.bn_add_act_kernel.arg_names if n.endswith("_ptr")}, 4)
+    _gpu_compile(bn.bn_add_act_backward_kernel, flags,
+                 {n: (f32 if n in vecs or n.startswith("psum") else act)
+                  for n in bn.bn_add_act_backward_kernel.arg_names if n.endswith("_ptr")}, 4)
+    _gpu_compile(bn.sum_rows_kernel, dict(BLOCK_T=32, BLOCK_K=64), {"part_ptr": f32, "out_ptr": f32}, 4)
+    _gpu_compile(bn.stats_backward_kernel, dict(BLOCK_M=64, BLOCK_K=64),
+                 {"gz_ptr": act, "gstats_ptr": f32, "z_ptr": act, "stats_ptr": f32, "out_ptr": act,
+                  "inv_count": "fp32"}, 4)
