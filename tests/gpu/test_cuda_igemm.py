@@ -257,10 +257,14 @@ def test_cuda_graph_igemm(dtype):
     res = rand(case.n, case.k, *case.out_hw(), dtype=dtype)
     s, p, d, g = case.args
 
+    ops = torch.ops.fused_resnet  # the registered CUDA kernels, as the other graph tests
+
     def step():
-        y = FR.conv_bn_act(x, w, scale, shift, res, s, p, d, g, True, backend="cuda")
-        z, st = FR.conv_stats(x, w, isc, ish, True, s, p, d, g, backend="cuda")
+        y = ops.conv_bn_act(x, w, scale, shift, res, s, p, d, g, True)
+        z, st = ops.conv_stats(x, w, isc, ish, True, s, p, d, g)
         return y, z, st
+
+    assert _ran_igemm(step)
 
     graph, (y, z, st) = _capture(step)
     for _ in range(2):
