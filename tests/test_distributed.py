@@ -180,7 +180,7 @@ def test_two_ranks_fused_torchvision_resnet18_with_sync_batchnorm(tmp_path):
                 m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.5)
     n, splits = 4, [0, 3, 4]  # rank 1 holds one image: 1 value per channel in the last stage on its own
     d = {"state": {k: v.clone() for k, v in ref_model.state_dict().items()}, "classes": 4,
-         "x": torch.randn(n, 3, 32, 32, dtype=torch.float64, generator=g),
+         "x": torch.randn(n, 3, 16, 16, dtype=torch.float64, generator=g),
          "g": torch.randn(n, 4, dtype=torch.float64, generator=g), "splits": splits}
     outs = _run_two_ranks(FUSE_WORKER, d, tmp_path, backend)
 
