@@ -23,7 +23,7 @@
 #                    each: fused cuda + triton vs conv_only (cuDNN conv alone: the %conv column),
 #                    eager_cl (cuDNN conv + separate eager BN/add/ReLU: the "vs cl" column) and
 #                    cudnn_fused; the time left is shared between the batches. Run it as a second
-#                    call on the warm machine: SKIP_BUILD=1 BENCH_STEPS=layers benchmarks/gpu_run.sh
+#                    call on the warm machine: SKIP_BUILD=1 SKIP_TESTS=1 BENCH_STEPS=layers benchmarks/gpu_run.sh
 #                    (6 files then; with main and max too it would be 10, over the limit of 8)
 #   5. summary    the short table, printed last
 #
@@ -32,7 +32,8 @@
 # driver, versions, command and time) and results/compile_max.json. Copy results/ into
 # benchmarks/results/ to commit them. BENCH_ARGS adds options to both bench runs.
 #
-# SKIP_BUILD=1 reuses an installed build (a second call on a warm machine).
+# SKIP_BUILD=1 reuses an installed build (a second call on a warm machine); SKIP_TESTS=1 skips
+# steps 3 and 3b (e.g. SKIP_BUILD=1 SKIP_TESTS=1 BENCH_STEPS=layers for the per-layer call).
 # Runs from outside the source tree after the install, so `import fused_resnet` is the built one.
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,6 +64,10 @@ step "info + check (log: check.log)"
 CHECK_RC=$?
 tail -4 check.log
 
+if [ -n "${SKIP_TESTS:-}" ]; then
+  echo "SKIP_TESTS set: tests/gpu and the igemm step skipped" | tee tests.log
+  TESTS_RC=skipped; IGEMM_TESTS_RC=skipped; IGEMM_RC=skipped
+else
 step "tests/gpu (log: tests.log)"
 timeout 90 "$PY" -m pytest "$REPO/tests/gpu" -q -x -p no:cacheprovider --rootdir "$REPO" \
   --ignore "$REPO/tests/gpu/test_cuda_igemm.py" > tests.log 2>&1
@@ -80,6 +85,7 @@ IGEMM_RC=$?
 grep -v '^IGEMM_JSON' igemm.tmp
 { echo "== benchmarks/igemm_layers.py (rc $IGEMM_RC)"; cat igemm.tmp; } >> tests.log
 rm -f igemm.tmp
+fi
 
 # 4a. everything but max-autotune, leaving ~150 s for 4b; --time-budget stops new measurements
 #     in time, and the outer timeout only guards against one measurement running away

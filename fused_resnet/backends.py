@@ -21,6 +21,13 @@ A backend that was asked for but cannot run this call (wrong device, dtype, ``_C
 never run: the call falls back to the next usable backend, a :class:`FallbackWarning` says so
 once per (op, backend, reason), and the decision records the reason. Ask what ran with
 :func:`last_decision` or collect every decision of a block of code with :func:`trace`.
+
+Determinism: no kernel uses atomics; every reduction (BN statistics, BN backward sums) merges
+fixed chunks in a fixed order, so results are bitwise reproducible run to run (and on CPU
+independent of the thread count). ``torch.use_deterministic_algorithms(True)`` changes nothing in
+our kernels; it makes the convolutions called through PyTorch (cuDNN's backward) deterministic.
+Triton conv outputs are reproducible for a given tuned config; a config chosen by timing may differ
+between machines or cache states, and its tile size sets the summation order.
 """
 
 from __future__ import annotations

@@ -18,8 +18,10 @@ Epilogue (compile-time selected), from the float32 accumulator:
   kernel writes that block's (mean, M2) per channel into ``(cdiv(M, 16), K)`` buffers; a second
   small kernel merges them in a fixed order with Chan's formula. The partial layout does not
   depend on the tile size, so every autotuning candidate writes exactly the same slots: there is
-  no accumulation (no atomics), nothing to reset between tuning runs, and the result is bitwise
-  reproducible and independent of the chosen config.
+  no accumulation (no atomics), nothing to reset between tuning runs, and the merge order does not
+  depend on the chosen config. The values of ``z`` (and so of its statistics) do: the tile's
+  BLOCK_K sets the summation order, so results are bitwise reproducible for a given tuned config
+  only (a config chosen by timing may differ between machines or tuning-cache states).
 
 Precision: float32 inputs use TF32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is True
 (PyTorch's default for convolutions, as cuDNN does), IEEE float32 otherwise; float16/bfloat16
