@@ -8,12 +8,20 @@ channels_last. Run from the repository root::
     python benchmarks/cpu_resnet50.py --compile       # + torch.compile(freezing=True), slow to build
     python benchmarks/cpu_resnet50.py --unfused       # + the cpu backend without its oneDNN fast path
     python benchmarks/cpu_resnet50.py --floors        # per-conv FLOP / byte floors, then exit
+    python benchmarks/cpu_resnet50.py --train         # training step instead (batch 4 by default)
 
 The fused forward is built here from torchvision's own modules (until ``fused_resnet.models``
 lands): BatchNorm folded once with ``fold_bn`` (outside the timed region, as a fused model
 caches it), one ``conv_bn_act`` per conv + bn (+ shortcut add) (+ relu); maxpool, avgpool and
 fc stay torch. Each repeat times every variant once, in turn, on the same input, so load from
 other processes hits them alike; the reported ratio is the ratio of medians.
+
+``--train`` times one training step (forward, ``sum(logits)``, backward; gradients set to None
+before each step) of ``fused_resnet.models.resnet50`` in train mode against torchvision's
+resnet50 with the same weights, both channels_last, batch 4 unless ``--batch`` is given: the
+fused model runs conv_stats / bn_finalize / bn_add_act and their backward on the cpu backend.
+Every timing line also gives the process CPU time (``process_time``, all threads), which a
+loaded machine inflates much less than wall time.
 """
 
 from __future__ import annotations
@@ -133,9 +141,52 @@ def floors(model: torchvision.models.ResNet, batch: int, peak_gflops: float, gbp
           f"{tf / peak_gflops / 1e6:.0f} ms compute, {tb / gbps / 1e6:.0f} ms memory")
 
 
+def _report(times: dict, cpu: dict, base_name: str, args, what: str) -> None:
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[0]
+    print(f"CPU: {cpu_model()}, threads {torch.get_num_threads()}, torch {torch.__version__}, load avg {load}, "
+          f"torchvision {torchvision.__version__}, batch {args.batch}, float32, channels_last, {what}, "
+          f"{args.repeats} interleaved repeats (machine shared with other processes)")
+    base = statistics.median(times[base_name])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        cmed = statistics.median(cpu[name])
+        print(f"  {name:18s} median {med * 1e3:8.1f} ms  min {min(ts) * 1e3:8.1f} ms  "
+              f"speedup vs {base_name} {base / med:5.2f}x  (cpu time median {cmed * 1e3:8.1f} ms)")
+
+
+def train_main(args, tv: torchvision.models.ResNet) -> None:
+    """Interleaved training steps: torchvision eager channels_last vs fused_resnet.models.resnet50."""
+    from fused_resnet import models
+
+    fused = models.resnet50()
+    fused.load_state_dict(tv.state_dict())
+    fused = fused.to(memory_format=torch.channels_last).train()
+    tv = tv.train()
+    x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    variants = {"torchvision_cl": tv, "fused_cpu": fused}
+
+    def step(m):
+        m.zero_grad(set_to_none=True)
+        m(x).sum().backward()
+
+    for _ in range(args.warmup):
+        for m in variants.values():
+            step(m)
+    times = {name: [] for name in variants}
+    cpu = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, m in variants.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            step(m)
+            times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    _report(times, cpu, "torchvision_cl", args, "training step (forward + backward)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=None, help="default 8 (eval), 4 (--train)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
@@ -143,9 +194,12 @@ def main() -> None:
     ap.add_argument("--unfused", action="store_true",
                     help="also the cpu backend with FUSED_RESNET_CPU_ONEDNN=0 (ATen conv + separate epilogue)")
     ap.add_argument("--floors", action="store_true", help="print per-conv FLOP/byte floors and exit")
+    ap.add_argument("--train", action="store_true", help="time a training step instead of eval")
     ap.add_argument("--peak-gflops", type=float, default=150.0, help="assumed fp32 peak for --floors")
     ap.add_argument("--gbps", type=float, default=20.0, help="assumed memory bandwidth for --floors")
     args = ap.parse_args()
+    if args.batch is None:
+        args.batch = 4 if args.train else 8
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -161,6 +215,9 @@ def main() -> None:
     tv = tv.to(memory_format=torch.channels_last)
     if args.floors:
         floors(tv, args.batch, args.peak_gflops, args.gbps)
+        return
+    if args.train:
+        train_main(args, tv)
         return
 
     x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
@@ -187,22 +244,14 @@ def main() -> None:
             for m in variants.values():
                 m(x)
         times = {name: [] for name in variants}
+        cpu = {name: [] for name in variants}
         for _ in range(args.repeats):
             for name, m in variants.items():
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 m(x)
                 times[name].append(time.perf_counter() - t0)
-
-    with open("/proc/loadavg") as f:
-        load = f.read().split()[0]
-    print(f"CPU: {cpu_model()}, threads {torch.get_num_threads()}, torch {torch.__version__}, load avg {load}, "
-          f"torchvision {torchvision.__version__}, batch {args.batch}, float32, channels_last, "
-          f"{args.repeats} interleaved repeats (machine shared with other processes)")
-    base = statistics.median(times["torchvision_cl"])
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"  {name:18s} median {med * 1e3:8.1f} ms  min {min(ts) * 1e3:8.1f} ms  "
-              f"speedup vs torchvision_cl {base / med:5.2f}x")
+                cpu[name].append(time.process_time() - c0)
+    _report(times, cpu, "torchvision_cl", args, "eval")
 
 
 if __name__ == "__main__":

@@ -242,3 +242,98 @@ def test_disabled_onednn_falls_back_and_says_so_once():
     assert lines["NWARN"] == "1"
     assert "torch.backends.mkldnn.enabled is False" in lines["MSG"] and "unfused path" in lines["MSG"]
     assert lines["CATEGORY"] == "['FallbackWarning']"
+
+
+# ----------------------------------------------------------------------------- training kernels
+# The row loops of bn_add_act, bn_add_act_backward, stats_backward and conv_stats' statistics are
+# compiled twice (baseline and AVX2, picked at run time; FUSED_RESNET_CPU_AVX2=0 forces the
+# baseline); their per-channel sums are float64 with exact products (csrc/cpu/cpu_kernels.h,
+# bn.cpp, conv.cpp). float32 sums were tried and broke the model-level training check, because
+# the backward subtracts mean * sum(g) from sum(g * z): these tests hold the float64 accuracy.
+
+_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+_OPS = torch.ops.fused_resnet
+
+
+def _training_kernel_outputs(dtype, k, seed):
+    """Every output of the four training kernels on one set of fresh random inputs."""
+    g = torch.Generator().manual_seed(seed)
+
+    def act(*shape, offset=0.0):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64) + offset
+        return t.to(dtype).contiguous(memory_format=torch.channels_last)
+
+    def v(n, positive=False):
+        t = torch.randn(n, generator=g, dtype=torch.float64)
+        return (t.abs() + 0.5 if positive else t).to(ref.acc_dtype(dtype))
+
+    n, h, w = 2, 24, 24  # 1152 pixel rows: several 256-row chunks, 16-row blocks and a tail
+    z, go, r = act(n, k, h, w), act(n, k, h, w), act(n, k, h, w)
+    s, b, rs, rb = v(k, True), v(k), v(k, True), v(k)
+    x = act(n, 5, h + 2, w + 2, offset=3.0)
+    wt = (torch.randn(k, 5, 3, 3, generator=g, dtype=torch.float64) * 0.3).to(dtype)
+    zs, stats = _OPS.conv_stats(x, wt, v(5, True), v(5), True, [1, 1], [0, 0], [1, 1], 1)
+    return [
+        *_OPS.bn_add_act_backward(go, z, s, b, None, None, None, True),
+        *_OPS.bn_add_act_backward(go, z, s, b, r, rs, rb, True),
+        _OPS.bn_add_act(z, s, b, r, rs, rb, True),
+        _OPS.stats_backward(go, torch.stack([v(k), v(k)]), z, torch.stack([v(k), v(k, True)]), n * h * w),
+        zs, stats,
+    ]
+
+
+@pytest.mark.skipif(not _AVX2, reason="this CPU has no AVX2: only the baseline version runs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("k", [67, 256])
+def test_training_kernels_avx2_and_baseline_same_bits(monkeypatch, dtype, k):
+    # No FMA in the AVX2 version and a fixed summation order: the two versions agree bit for bit.
+    fast = _training_kernel_outputs(dtype, k, seed=k)
+    monkeypatch.setenv("FUSED_RESNET_CPU_AVX2", "0")
+    base = _training_kernel_outputs(dtype, k, seed=k)
+    for i, (a, e) in enumerate(zip(fast, base, strict=True)):
+        assert torch.equal(a, e), f"output {i} ({dtype}, K={k}) differs between the AVX2 and baseline versions"
+
+
+def test_backward_sums_are_float64_accurate():
+    # 4x28x28 = 3136 rows, K = 67, z offset so |mean| >> std: grad_scale = sum(g*z),
+    # grad_shift = sum(g) and grad_res_scale = sum(g*r) must be the float64 sums of exact
+    # products, rounded once to float32 -- a float32 accumulation (error ~1e-7 of sum(|terms|))
+    # fails this bound.
+    k = 67
+    z, go, r = rand(4, k, 28, 28, offset=20.0), rand(4, k, 28, 28), rand(4, k, 28, 28)
+    s, b, rs, rb = vec(k, positive=True), vec(k), vec(k, positive=True), vec(k)
+    _, gs, gb, gr, grs = _OPS.bn_add_act_backward(go, z, s, b, r, rs, rb, True)
+
+    def c(t):
+        return f64(t).view(-1, 1, 1)
+
+    pre = f64(z) * c(s) + c(b) + (f64(r) * c(rs) + c(rb))
+    g = torch.where(pre > 0, f64(go), torch.zeros((), dtype=torch.float64))
+    dims = (0, 2, 3)
+    for name, got, terms in (("grad_scale", gs, g * f64(z)), ("grad_shift", gb, g),
+                             ("grad_res_scale", grs, g * f64(r))):
+        exact = terms.sum(dims)
+        err = (f64(got) - exact).abs()
+        bound = 2.0**-24 * exact.abs() + 1e-12 * terms.abs().sum(dims)
+        assert bool((err <= bound).all()), f"{name}: worst error / bound = {(err / bound).max().item():.2f}"
+    # The elementwise output: g * res_scale in float32 is the float64 product rounded once.
+    assert torch.equal(gr, (g * c(rs)).float())
+
+
+def test_conv_stats_mean_far_from_zero():
+    # |mean| >> std over many chunks: mean 1000, std ~1 (z = conv of x with a constant-ish bias
+    # channel). The statistics must be those of the returned z, computed in float64.
+    x = rand(4, 8, 30, 30)
+    x[:, 0] = 500.0 + torch.rand(4, 30, 30)  # channel 0 carries a large positive offset
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = rand(16, 8, 1, 1, channels_last=False)
+    w[:, 0] = 2.0  # every output channel picks up ~1000 from channel 0
+    z, stats = _OPS.conv_stats(x, w, None, None, False, [1, 1], [0, 0], [1, 1], 1)
+    zz = f64(z)
+    mean = zz.mean((0, 2, 3))
+    m2 = ((zz - mean.view(-1, 1, 1)) ** 2).sum((0, 2, 3))
+    count = 4 * 30 * 30
+    assert float(mean.abs().min()) > 900 and float((m2 / count).max()) < 50  # the regime under test
+    # float64 sums around a shift, rounded once to float32 (half an ulp: 2^-24 relative).
+    torch.testing.assert_close(f64(stats[0]), mean, rtol=1.5e-7, atol=0)
+    torch.testing.assert_close(f64(stats[1]), m2, rtol=1.5e-7, atol=0)

@@ -56,37 +56,73 @@ const acc_t* vector_or(const at::Tensor& v, std::vector<acc_t>& storage, int64_t
 // bn_add_act / conv_bn_act epilogue
 
 template <typename scalar_t>
+struct AffineArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  scalar_t* out;
+  const scalar_t* z;
+  const scalar_t* res;  // nullptr: no residual
+  const acc_t* scale;
+  const acc_t* shift;
+  const acc_t* res_scale;
+  const acc_t* res_shift;
+  int64_t k;
+  bool relu;
+};
+
+// Rows [r0, r1) of out = act(z * scale + shift (+ residual * res_scale + res_shift)).
+template <typename scalar_t>
+FUSED_RESNET_ALWAYS_INLINE void affine_rows(const AffineArgs<scalar_t>& a, int64_t r0, int64_t r1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t zero(0);
+  const int64_t k = a.k;
+  const bool relu = a.relu;
+  const acc_t* scale = a.scale;
+  const acc_t* shift = a.shift;
+  const acc_t* res_scale = a.res_scale;
+  const acc_t* res_shift = a.res_shift;
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* zr = a.z + r * k;
+    scalar_t* o = a.out + r * k;  // may equal zr: each element is read before it is written
+    if (a.res != nullptr) {
+      const scalar_t* rr = a.res + r * k;
+      FUSED_RESNET_IVDEP
+      for (int64_t c = 0; c < k; ++c) {
+        // Same association as the reference: (z*s + b) + (r*rs + rb).
+        acc_t v = static_cast<acc_t>(zr[c]) * scale[c] + shift[c] +
+                  (static_cast<acc_t>(rr[c]) * res_scale[c] + res_shift[c]);
+        // std::max(v, 0) keeps NaN, as torch.relu does; the invariant select vectorizes.
+        o[c] = round_to<scalar_t>(relu ? std::max(v, zero) : v);
+      }
+    } else {
+      FUSED_RESNET_IVDEP
+      for (int64_t c = 0; c < k; ++c) {
+        acc_t v = static_cast<acc_t>(zr[c]) * scale[c] + shift[c];
+        o[c] = round_to<scalar_t>(relu ? std::max(v, zero) : v);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+FUSED_RESNET_TARGET_AVX2 void affine_rows_avx2(const AffineArgs<scalar_t>& a, int64_t r0, int64_t r1) {
+  affine_rows<scalar_t>(a, r0, r1);
+}
+
+template <typename scalar_t>
+void affine_rows_base(const AffineArgs<scalar_t>& a, int64_t r0, int64_t r1) {
+  affine_rows<scalar_t>(a, r0, r1);
+}
+
+template <typename scalar_t>
 void affine_add_act_impl(scalar_t* out, const scalar_t* z, const scalar_t* res,
                          const at::opmath_type<scalar_t>* scale,
                          const at::opmath_type<scalar_t>* shift,
                          const at::opmath_type<scalar_t>* res_scale,
                          const at::opmath_type<scalar_t>* res_shift, int64_t m, int64_t k,
                          bool relu) {
-  using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, m, row_grain(k), [&](int64_t r0, int64_t r1) {
-    const acc_t zero(0);
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* zr = z + r * k;
-      scalar_t* o = out + r * k;  // may equal zr: each element is read before it is written
-      if (res != nullptr) {
-        const scalar_t* rr = res + r * k;
-        FUSED_RESNET_IVDEP
-        for (int64_t c = 0; c < k; ++c) {
-          // Same association as the reference: (z*s + b) + (r*rs + rb).
-          acc_t v = static_cast<acc_t>(zr[c]) * scale[c] + shift[c] +
-                    (static_cast<acc_t>(rr[c]) * res_scale[c] + res_shift[c]);
-          // std::max(v, 0) keeps NaN, as torch.relu does; the invariant select vectorizes.
-          o[c] = round_to<scalar_t>(relu ? std::max(v, zero) : v);
-        }
-      } else {
-        FUSED_RESNET_IVDEP
-        for (int64_t c = 0; c < k; ++c) {
-          acc_t v = static_cast<acc_t>(zr[c]) * scale[c] + shift[c];
-          o[c] = round_to<scalar_t>(relu ? std::max(v, zero) : v);
-        }
-      }
-    }
-  });
+  const AffineArgs<scalar_t> a{out, z, res, scale, shift, res_scale, res_shift, k, relu};
+  const auto rows = cpu_has_avx2() ? &affine_rows_avx2<scalar_t> : &affine_rows_base<scalar_t>;
+  at::parallel_for(0, m, row_grain(k), [&](int64_t r0, int64_t r1) { rows(a, r0, r1); });
 }
 
 }  // namespace
@@ -152,60 +188,151 @@ at::Tensor bn_add_act_cpu(const at::Tensor& z, const at::Tensor& scale, const at
 // ---------------------------------------------------------------------------------------------
 // bn_add_act_backward
 
+// The per-channel sums sum(g * z), sum(g), sum(g * residual) stay float64 with exact
+// products (a float32 product times a float32 value is exact in float64): the autograd
+// formula subtracts mean * sum(g) from sum(g * z) (bn_finalize's backward), a cancellation
+// that turns float32 rounding of these sums into a large error whenever |mean| >> std (seen
+// at batch 2 in the model-level training benchmark). What made the old loop slow was its
+// shape, not float64: one loop over channels with three float64 accumulators, two stores and
+// the ReLU select did not vectorize. Here each row loop is split in two -- the elementwise
+// outputs in the activation's accumulation type, then the sums over a block of kSumRows rows
+// -- so both parts vectorize; the sums are kept in float64 block partials added into the
+// chunk partials in a fixed order (thread-count independent).
+constexpr int64_t kSumRows = 16;
+
 template <typename scalar_t>
-void bn_add_act_backward_impl(const scalar_t* go, const scalar_t* z, const scalar_t* res,
-                              const at::opmath_type<scalar_t>* scale,
-                              const at::opmath_type<scalar_t>* shift,
-                              const at::opmath_type<scalar_t>* res_scale,
-                              const at::opmath_type<scalar_t>* res_shift, bool relu, int64_t m,
-                              int64_t k, scalar_t* grad_z, scalar_t* grad_res,
-                              double* sum_gz, double* sum_g, double* sum_gr) {
+struct BnBackwardArgs {
   using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* go;
+  const scalar_t* z;
+  const scalar_t* res;  // nullptr: no residual
+  const acc_t* scale;
+  const acc_t* shift;
+  const acc_t* res_scale;
+  const acc_t* res_shift;
+  bool relu;
+  int64_t k;
+  scalar_t* grad_z;
+  scalar_t* grad_res;
+};
+
+// Rows [r0, r1) of one chunk: writes grad_z (and grad_res), adds the chunk's sums into
+// p_gz/p_g/p_gr (float64, zeroed by the caller). f: 3*k scratch values of acc_t.
+// Rows [r0, r1) of one chunk: writes grad_z (and grad_res), adds the chunk's sums into
+// p_gz/p_g/p_gr (float64, zeroed by the caller). f: 3*k float64 block sums; gb: k values of
+// acc_t holding the current row's masked gradient g.
+template <typename scalar_t, bool kRes>
+FUSED_RESNET_ALWAYS_INLINE void bn_backward_rows(const BnBackwardArgs<scalar_t>& a, int64_t r0, int64_t r1,
+                                                 double* f, at::opmath_type<scalar_t>* gb,
+                                                 double* __restrict p_gz, double* __restrict p_g,
+                                                 double* __restrict p_gr) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t k = a.k;
+  const acc_t zero(0);
+  const acc_t* __restrict scale = a.scale;
+  const acc_t* __restrict shift = a.shift;
+  const acc_t* __restrict res_scale = a.res_scale;
+  const acc_t* __restrict res_shift = a.res_shift;
+  const bool relu = a.relu;
+  acc_t* __restrict g_row = gb;
+  double* __restrict f_gz = f;
+  double* __restrict f_g = f + k;
+  double* __restrict f_gr = f + 2 * k;
+  for (int64_t b0 = r0; b0 < r1; b0 += kSumRows) {
+    const int64_t b1 = std::min(r1, b0 + kSumRows);
+    std::fill(f, f + 3 * k, 0.0);
+    for (int64_t r = b0; r < b1; ++r) {
+      const int64_t off = r * k;
+      const scalar_t* __restrict gor = a.go + off;
+      const scalar_t* __restrict zr = a.z + off;
+      scalar_t* __restrict gzr = a.grad_z + off;
+      // Elementwise part, in acc_t.
+      if constexpr (kRes) {
+        const scalar_t* __restrict rr = a.res + off;
+        scalar_t* __restrict grr = a.grad_res + off;
+        FUSED_RESNET_IVDEP
+        for (int64_t c = 0; c < k; ++c) {
+          const acc_t zv = static_cast<acc_t>(zr[c]);
+          const acc_t rv = static_cast<acc_t>(rr[c]);
+          const acc_t pre = zv * scale[c] + shift[c] + (rv * res_scale[c] + res_shift[c]);
+          const acc_t gv = static_cast<acc_t>(gor[c]);  // loaded unconditionally: if-convertible
+          const acc_t g = (!relu || pre > zero) ? gv : zero;
+          g_row[c] = g;
+          gzr[c] = round_to<scalar_t>(g * scale[c]);
+          grr[c] = round_to<scalar_t>(g * res_scale[c]);  // res_scale absent: g * 1 == g
+        }
+      } else {
+        FUSED_RESNET_IVDEP
+        for (int64_t c = 0; c < k; ++c) {
+          const acc_t zv = static_cast<acc_t>(zr[c]);
+          const acc_t pre = zv * scale[c] + shift[c];
+          const acc_t gv = static_cast<acc_t>(gor[c]);
+          const acc_t g = (!relu || pre > zero) ? gv : zero;
+          g_row[c] = g;
+          gzr[c] = round_to<scalar_t>(g * scale[c]);
+        }
+      }
+      // Sums, in float64 with exact products.
+      FUSED_RESNET_IVDEP
+      for (int64_t c = 0; c < k; ++c) {
+        const double g = static_cast<double>(g_row[c]);
+        f_gz[c] += g * static_cast<double>(static_cast<acc_t>(zr[c]));
+        f_g[c] += g;
+      }
+      if constexpr (kRes) {
+        const scalar_t* __restrict rr = a.res + off;
+        FUSED_RESNET_IVDEP
+        for (int64_t c = 0; c < k; ++c) {
+          f_gr[c] += static_cast<double>(g_row[c]) * static_cast<double>(static_cast<acc_t>(rr[c]));
+        }
+      }
+    }
+    FUSED_RESNET_IVDEP
+    for (int64_t c = 0; c < k; ++c) {
+      p_gz[c] += f_gz[c];
+      p_g[c] += f_g[c];
+    }
+    if constexpr (kRes) {
+      FUSED_RESNET_IVDEP
+      for (int64_t c = 0; c < k; ++c) p_gr[c] += f_gr[c];
+    }
+  }
+}
+
+template <typename scalar_t, bool kRes>
+FUSED_RESNET_TARGET_AVX2 void bn_backward_rows_avx2(const BnBackwardArgs<scalar_t>& a, int64_t r0, int64_t r1,
+                                                     double* f, at::opmath_type<scalar_t>* gb, double* p_gz,
+                                                     double* p_g, double* p_gr) {
+  bn_backward_rows<scalar_t, kRes>(a, r0, r1, f, gb, p_gz, p_g, p_gr);
+}
+
+template <typename scalar_t, bool kRes>
+void bn_backward_rows_base(const BnBackwardArgs<scalar_t>& a, int64_t r0, int64_t r1, double* f,
+                           at::opmath_type<scalar_t>* gb, double* p_gz, double* p_g, double* p_gr) {
+  bn_backward_rows<scalar_t, kRes>(a, r0, r1, f, gb, p_gz, p_g, p_gr);
+}
+
+template <typename scalar_t>
+void bn_add_act_backward_impl(const BnBackwardArgs<scalar_t>& a, int64_t m, double* sum_gz, double* sum_g,
+                              double* sum_gr) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t k = a.k;
+  const bool has_res = a.res != nullptr;
   const int64_t nchunks = (m + kChunkRows - 1) / kChunkRows;
-  const int64_t nsums = res != nullptr ? 3 : 2;
+  const int64_t nsums = has_res ? 3 : 2;
+  auto rows = has_res ? (cpu_has_avx2() ? &bn_backward_rows_avx2<scalar_t, true> : &bn_backward_rows_base<scalar_t, true>)
+                      : (cpu_has_avx2() ? &bn_backward_rows_avx2<scalar_t, false>
+                                        : &bn_backward_rows_base<scalar_t, false>);
   // Per-chunk partial sums, [chunk][sum][channel]; merged below in chunk order.
   std::vector<double> part(static_cast<size_t>(nchunks * nsums * k), 0.0);
   at::parallel_for(0, nchunks, chunk_grain(k), [&](int64_t c0, int64_t c1) {
-    const acc_t zero(0);
+    std::vector<double> f(static_cast<size_t>(3 * k));
+    std::vector<acc_t> gb(static_cast<size_t>(k));
     for (int64_t ch = c0; ch < c1; ++ch) {
-      double* __restrict p_gz = part.data() + ch * nsums * k;
-      double* __restrict p_g = p_gz + k;
-      double* __restrict p_gr = res != nullptr ? p_g + k : nullptr;
-      const int64_t r1 = std::min(m, (ch + 1) * kChunkRows);
-      for (int64_t r = ch * kChunkRows; r < r1; ++r) {
-        const int64_t off = r * k;
-        const scalar_t* gor = go + off;
-        const scalar_t* zr = z + off;
-        scalar_t* gzr = grad_z + off;
-        if (res != nullptr) {
-          const scalar_t* rr = res + off;
-          scalar_t* grr = grad_res + off;
-          FUSED_RESNET_IVDEP
-          for (int64_t c = 0; c < k; ++c) {
-            const acc_t zv = static_cast<acc_t>(zr[c]);
-            const acc_t rv = static_cast<acc_t>(rr[c]);
-            const acc_t pre = zv * scale[c] + shift[c] + (rv * res_scale[c] + res_shift[c]);
-            const acc_t gv = static_cast<acc_t>(gor[c]);  // loaded unconditionally: if-convertible
-            const acc_t g = (!relu || pre > zero) ? gv : zero;
-            gzr[c] = round_to<scalar_t>(g * scale[c]);
-            grr[c] = round_to<scalar_t>(g * res_scale[c]);  // res_scale absent: g * 1 == g
-            p_gz[c] += static_cast<double>(g) * static_cast<double>(zv);
-            p_g[c] += static_cast<double>(g);
-            p_gr[c] += static_cast<double>(g) * static_cast<double>(rv);
-          }
-        } else {
-          FUSED_RESNET_IVDEP
-          for (int64_t c = 0; c < k; ++c) {
-            const acc_t zv = static_cast<acc_t>(zr[c]);
-            const acc_t pre = zv * scale[c] + shift[c];
-            const acc_t gv = static_cast<acc_t>(gor[c]);
-            const acc_t g = (!relu || pre > zero) ? gv : zero;
-            gzr[c] = round_to<scalar_t>(g * scale[c]);
-            p_gz[c] += static_cast<double>(g) * static_cast<double>(zv);
-            p_g[c] += static_cast<double>(g);
-          }
-        }
-      }
+      double* p_gz = part.data() + ch * nsums * k;
+      double* p_g = p_gz + k;
+      double* p_gr = has_res ? p_g + k : nullptr;
+      rows(a, ch * kChunkRows, std::min(m, (ch + 1) * kChunkRows), f.data(), gb.data(), p_gz, p_g, p_gr);
     }
   });
   std::fill(sum_gz, sum_gz + k, 0.0);
@@ -260,12 +387,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_ac
                                        k, acc_t(1), keep_rs);
     const acc_t* rb = vector_or<acc_t>(has_res ? undefined_if_none(res_shift) : at::Tensor(), zeros,
                                        k, acc_t(0), keep_rb);
-    bn_add_act_backward_impl<scalar_t>(
-        goc.const_data_ptr<scalar_t>(), zc.const_data_ptr<scalar_t>(),
-        has_res ? r.const_data_ptr<scalar_t>() : nullptr, s.const_data_ptr<acc_t>(),
-        b.const_data_ptr<acc_t>(), rs, rb, relu, m, k, grad_z.mutable_data_ptr<scalar_t>(),
-        has_res ? grad_res.mutable_data_ptr<scalar_t>() : nullptr, sum_gz.data(), sum_g.data(),
-        has_res ? sum_gr.data() : nullptr);
+    const BnBackwardArgs<scalar_t> args{goc.const_data_ptr<scalar_t>(),
+                                        zc.const_data_ptr<scalar_t>(),
+                                        has_res ? r.const_data_ptr<scalar_t>() : nullptr,
+                                        s.const_data_ptr<acc_t>(),
+                                        b.const_data_ptr<acc_t>(),
+                                        rs,
+                                        rb,
+                                        relu,
+                                        k,
+                                        grad_z.mutable_data_ptr<scalar_t>(),
+                                        has_res ? grad_res.mutable_data_ptr<scalar_t>() : nullptr};
+    bn_add_act_backward_impl<scalar_t>(args, m, sum_gz.data(), sum_g.data(), has_res ? sum_gr.data() : nullptr);
     acc_t* gs = grad_scale.mutable_data_ptr<acc_t>();
     acc_t* gb = grad_shift.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < k; ++c) {
@@ -289,6 +422,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_ac
 
 // ---------------------------------------------------------------------------------------------
 // stats_backward
+
+template <typename scalar_t>
+struct StatsBackwardArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* z;
+  const scalar_t* grad_z;
+  scalar_t* out;
+  const acc_t* a;     // grad_stats[0] / count
+  const acc_t* b;     // 2 * grad_stats[1]
+  const acc_t* mean;  // stats[0]
+  int64_t k;
+};
+
+// Rows [r0, r1) of out = grad_z + a + b * (z - mean).
+template <typename scalar_t>
+FUSED_RESNET_ALWAYS_INLINE void stats_backward_rows(const StatsBackwardArgs<scalar_t>& p, int64_t r0, int64_t r1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t k = p.k;
+  const acc_t* pa = p.a;
+  const acc_t* pb = p.b;
+  const acc_t* mean = p.mean;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * k;
+    const scalar_t* zr = p.z + off;
+    const scalar_t* gr = p.grad_z + off;
+    scalar_t* o = p.out + off;
+    FUSED_RESNET_IVDEP
+    for (int64_t c = 0; c < k; ++c) {
+      const acc_t v = static_cast<acc_t>(gr[c]) + pa[c] + pb[c] * (static_cast<acc_t>(zr[c]) - mean[c]);
+      o[c] = round_to<scalar_t>(v);
+    }
+  }
+}
+
+template <typename scalar_t>
+FUSED_RESNET_TARGET_AVX2 void stats_backward_rows_avx2(const StatsBackwardArgs<scalar_t>& p, int64_t r0,
+                                                       int64_t r1) {
+  stats_backward_rows<scalar_t>(p, r0, r1);
+}
+
+template <typename scalar_t>
+void stats_backward_rows_base(const StatsBackwardArgs<scalar_t>& p, int64_t r0, int64_t r1) {
+  stats_backward_rows<scalar_t>(p, r0, r1);
+}
 
 at::Tensor stats_backward_cpu(const at::Tensor& grad_z, const at::Tensor& grad_stats,
                               const at::Tensor& z, const at::Tensor& stats, int64_t count) {
@@ -327,25 +504,10 @@ at::Tensor stats_backward_cpu(const at::Tensor& grad_z, const at::Tensor& grad_s
       a[c] = gs[c] / static_cast<acc_t>(count);
       b[c] = acc_t(2) * gs[k + c];
     }
-    const acc_t* pa = a.data();
-    const acc_t* pb = b.data();
-    const scalar_t* zp = zc.const_data_ptr<scalar_t>();
-    const scalar_t* gp = gzc.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, m, row_grain(k), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t off = r * k;
-        const scalar_t* zr = zp + off;
-        const scalar_t* gr = gp + off;
-        scalar_t* o = op + off;
-        FUSED_RESNET_IVDEP
-        for (int64_t c = 0; c < k; ++c) {
-          const acc_t v = static_cast<acc_t>(gr[c]) + pa[c] +
-                          pb[c] * (static_cast<acc_t>(zr[c]) - mean[c]);
-          o[c] = round_to<scalar_t>(v);
-        }
-      }
-    });
+    const StatsBackwardArgs<scalar_t> args{zc.const_data_ptr<scalar_t>(), gzc.const_data_ptr<scalar_t>(),
+                                           out.mutable_data_ptr<scalar_t>(), a.data(), b.data(), mean, k};
+    const auto rows = cpu_has_avx2() ? &stats_backward_rows_avx2<scalar_t> : &stats_backward_rows_base<scalar_t>;
+    at::parallel_for(0, m, row_grain(k), [&](int64_t r0, int64_t r1) { rows(args, r0, r1); });
   });
   return out;
 }

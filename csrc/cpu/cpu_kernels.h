@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 namespace fused_resnet {
@@ -32,6 +33,33 @@ constexpr int64_t kChunkRows = 256;
 #define FUSED_RESNET_IVDEP _Pragma("GCC ivdep")
 #else
 #define FUSED_RESNET_IVDEP
+#endif
+
+// Run-time ISA choice for the elementwise and reduction row loops. The extension is built
+// with the compiler's baseline flags (x86-64: SSE2, 4 floats or 2 doubles per vector), so each
+// hot row loop is compiled twice: its body as an always-inline template, instantiated once
+// plainly and once inside a function carrying target("avx2") (8 floats per vector), chosen per
+// call by cpu_has_avx2(). FMA is deliberately not enabled: without it the compiler cannot
+// contract a*b+c, so both versions round every operation exactly as the reference's separate
+// multiply and add do, and the two versions give the same bits (vectorization runs across
+// channels; every per-channel accumulation keeps its sequential row order).
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define FUSED_RESNET_HAVE_AVX2_CLONES 1
+#define FUSED_RESNET_TARGET_AVX2 __attribute__((target("avx2")))
+#define FUSED_RESNET_ALWAYS_INLINE inline __attribute__((always_inline))
+// FUSED_RESNET_CPU_AVX2=0 (read per call, a getenv) forces the baseline version: tests use it
+// to check that both versions give the same bits.
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  if (!has) return false;
+  const char* v = std::getenv("FUSED_RESNET_CPU_AVX2");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+#else
+#define FUSED_RESNET_HAVE_AVX2_CLONES 0
+#define FUSED_RESNET_TARGET_AVX2
+#define FUSED_RESNET_ALWAYS_INLINE inline
+inline bool cpu_has_avx2() { return false; }
 #endif
 
 // Rounds an accumulation-type value to the activation dtype: static_cast, except for
