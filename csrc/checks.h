@@ -86,6 +86,10 @@ inline ConvGeometry check_conv(const at::Tensor& x, const at::Tensor& w, at::Int
   }
   TORCH_CHECK(groups >= 1, "groups: expected >= 1, got ", groups);
   const int64_t c = x.size(1), k = w.size(0);
+  // Zero input channels or a zero-sized kernel: refused (fused_resnet/functional.py says why).
+  TORCH_CHECK(c >= 1, "x: expected at least one input channel (C >= 1), got shape ", x.sizes());
+  TORCH_CHECK(w.size(2) >= 1 && w.size(3) >= 1, "weight: expected a kernel of at least 1x1, got shape ",
+              w.sizes());
   TORCH_CHECK(c % groups == 0, "groups: x has ", c, " channels, not divisible by groups=", groups);
   TORCH_CHECK(k % groups == 0, "groups: weight has ", k, " output channels, not divisible by groups=",
               groups);

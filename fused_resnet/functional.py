@@ -105,6 +105,12 @@ def _check_conv(x, weight, stride, padding, dilation, groups):
     if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)) or groups < 1:
         raise ValueError(f"groups: expected an int >= 1, got {groups!r}")
     c, k = x.shape[1], weight.shape[0]
+    # Decision: a convolution over zero input channels (or a zero-sized kernel) is refused, not
+    # computed: F.conv2d itself returns a wrongly shaped result for it, and no network has one.
+    if c == 0:
+        raise ValueError(f"x: expected at least one input channel (C >= 1), got shape {tuple(x.shape)}")
+    if weight.shape[2] == 0 or weight.shape[3] == 0:
+        raise ValueError(f"weight: expected a kernel of at least 1x1, got shape {tuple(weight.shape)}")
     if c % groups:
         raise ValueError(f"groups: x has {c} channels, not divisible by groups={groups}")
     if k % groups:

@@ -100,3 +100,29 @@ def test_bn_add_act_bad_input(backend):
         FF.bn_add_act(z.flatten(2), vec(6), vec(6), backend=backend)
     with pytest.raises(TypeError, match=r"res_shift: expected dtype torch.float32"):
         FF.bn_add_act(z, vec(6), vec(6), rand(2, 6, 3, 3), None, vec(6).double(), backend=backend)
+
+
+@pytest.mark.parametrize("op", ["conv_bn_act", "conv_stats"])
+def test_zero_input_channels_and_empty_kernel_are_refused(backend, op):
+    """C = 0 (F.conv2d returns a wrongly shaped result for it) and a 0-sized kernel are refused."""
+    w0 = rand(6, 0, 3, 3)
+    x0 = rand(2, 0, 5, 5).contiguous(memory_format=torch.channels_last)
+    x, w, s, b, _ = _good()
+    fn = getattr(FF, op)
+    extra = (s, b) if op == "conv_bn_act" else ()
+    with pytest.raises(ValueError, match=r"x: expected at least one input channel \(C >= 1\), got shape \(2, 0, 5"):
+        fn(x0, w0, *extra, padding=1, backend=backend)
+    with pytest.raises(ValueError, match=r"weight: expected a kernel of at least 1x1, got shape \(6, 4, 0, 3\)"):
+        fn(x, w[:, :, :0], *extra, padding=1, backend=backend)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="needs the compiled _C")
+def test_zero_input_channels_refused_by_the_compiled_op():
+    """Direct torch.ops calls get the same refusal from the C++ checks (RuntimeError)."""
+    x0 = rand(2, 0, 5, 5).contiguous(memory_format=torch.channels_last)
+    w0 = rand(6, 0, 3, 3)
+    with pytest.raises(RuntimeError, match=r"x: expected at least one input channel \(C >= 1\)"):
+        torch.ops.fused_resnet.conv_bn_act(x0, w0, vec(6), vec(6), None, [1, 1], [1, 1], [1, 1], 1, True)
+    with pytest.raises(RuntimeError, match=r"weight: expected a kernel of at least 1x1"):
+        torch.ops.fused_resnet.conv_stats(rand(2, 4, 5, 5), rand(6, 4, 0, 3), None, None, False, [1, 1], [1, 1],
+                                          [1, 1], 1)

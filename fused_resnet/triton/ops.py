@@ -102,6 +102,9 @@ def _check_conv(x, weight, stride, padding, dilation, groups):
         if len(v) != 2 or min(v) < lo:
             raise ValueError(f"{name}: expected two ints >= {lo}, got {list(v)}")
     c, k = x.shape[1], weight.shape[0]
+    if c == 0 or weight.shape[2] == 0 or weight.shape[3] == 0:
+        raise ValueError(f"x/weight: expected C >= 1 and a kernel of at least 1x1, got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
     if groups < 1 or c % groups or k % groups or weight.shape[1] * groups != c:
         raise ValueError(f"weight/groups: expected weight (K, C/groups, R, S) with C={c}, K divisible by "
                          f"groups={groups}, got {tuple(weight.shape)}")
