@@ -149,3 +149,33 @@ def stats_of(z):
     z = z.to(_acc(z.dtype))
     mean = z.mean(dim=(0, 2, 3))
     return torch.stack([mean, ((z - bc(mean)) ** 2).sum(dim=(0, 2, 3))])
+
+
+def check_conv_bn_act(y, x, w, scale, shift, residual, case, dtype, relu, what):
+    """A conv_bn_act result `y` (any backend) against the float64 reference by the 2x rule."""
+    from fused_resnet import reference as ref
+
+    assert_nhwc(y, what)
+    assert y.dtype == dtype, f"{what}: dtype {y.dtype} != {dtype}"
+    expected = ref.conv_bn_act(d64(x), d64(w), d64(scale), d64(shift), d64(residual), *case.args, relu=relu)
+    assert_rule(y, expected, dtype, eager_conv_bn_act(x, w, scale, shift, residual, case, relu), what)
+
+
+def check_conv_stats(z, stats, x, w, in_scale, in_shift, in_relu, case, dtype, what):
+    """A conv_stats result (z, stats) against the float64 reference by the 2x rule, plus the
+    statistics against float64 statistics of the returned z itself (the reduction alone)."""
+    from fused_resnet import reference as ref
+
+    assert_nhwc(z, what + " z")
+    assert z.dtype == dtype and stats.dtype == torch.float32 and stats.shape == (2, case.k), (
+        f"{what}: z {z.dtype}, stats {stats.dtype} {tuple(stats.shape)}")
+    ez, estats = ref.conv_stats(d64(x), d64(w), d64(in_scale), d64(in_shift), in_relu, *case.args)
+    eager_z = F.conv2d(eager_prologue(x, in_scale, in_shift, in_relu), w, None, *case.args)
+    eager_s = stats_of(eager_z)
+    assert_rule(z, ez, dtype, eager_z, what + " z")
+    assert_rule(stats[0], estats[0], dtype, eager_s[0], what + " mean")
+    assert_rule(stats[1], estats[1], dtype, eager_s[1], what + " M2")
+    own = stats_of(d64(z))
+    assert (d64(stats[0]) - own[0]).abs().max().item() <= 2e-6 * max(own[0].abs().max().item(), 1.0)
+    m2_rel = ((d64(stats[1]) - own[1]).abs() / own[1].clamp_min(1e-30)).max().item()
+    assert m2_rel <= 2e-5, f"{what}: M2 relative error {m2_rel:.3e}"

@@ -24,6 +24,8 @@ from gpu_common import (  # noqa: F401  (no_tf32_seeded: an autouse fixture)
     Conv,
     assert_nhwc,
     assert_rule,
+    check_conv_bn_act,
+    check_conv_stats,
     conv_inputs,
     d64,
     eager_conv_bn_act,
@@ -126,11 +128,7 @@ def test_conv_bn_act_igemm(case, dtype, residual, relu):
     res = rand(case.n, case.k, *case.out_hw(), dtype=dtype) if residual else None
     s, p, d, g = case.args
     y = FR.conv_bn_act(x, w, scale, shift, res, s, p, d, g, relu, backend="cuda")
-    assert_nhwc(y)
-    assert y.dtype == dtype
-    expected = ref.conv_bn_act(d64(x), d64(w), d64(scale), d64(shift), d64(res), *case.args, relu=relu)
-    eager = eager_conv_bn_act(x, w, scale, shift, res, case, relu)
-    assert_rule(y, expected, dtype, eager, f"igemm conv_bn_act {case}")
+    check_conv_bn_act(y, x, w, scale, shift, res, case, dtype, relu, f"igemm conv_bn_act {case}")
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
@@ -142,20 +140,8 @@ def test_conv_stats_igemm(case, dtype, prologue):
     in_shift = vec(case.c, dtype) if prologue else None
     s, p, d, g = case.args
     z, stats = FR.conv_stats(x, w, in_scale, in_shift, prologue, s, p, d, g, backend="cuda")
-    assert_nhwc(z, "z")
-    assert z.dtype == dtype and stats.dtype == torch.float32 and stats.shape == (2, case.k)
-    ez, estats = ref.conv_stats(d64(x), d64(w), d64(in_scale), d64(in_shift), prologue, *case.args)
-    eager_z = F.conv2d(eager_prologue(x, in_scale, in_shift, prologue), w, None, s, p, d, g)
-    eager_s = stats_of(eager_z)
-    what = f"igemm conv_stats {case} prologue={prologue}"
-    assert_rule(z, ez, dtype, eager_z, what + " z")
-    assert_rule(stats[0], estats[0], dtype, eager_s[0], what + " mean")
-    assert_rule(stats[1], estats[1], dtype, eager_s[1], what + " M2")
-    # Statistics of the returned z itself (isolates the reduction from the conv's rounding).
-    own = stats_of(d64(z))
-    assert (d64(stats[0]) - own[0]).abs().max().item() <= 2e-6 * max(own[0].abs().max().item(), 1.0)
-    m2_rel = ((d64(stats[1]) - own[1]).abs() / own[1].clamp_min(1e-30)).max().item()
-    assert m2_rel <= 2e-5, f"{what}: M2 relative error {m2_rel:.3e}"
+    check_conv_stats(z, stats, x, w, in_scale, in_shift, prologue, case, dtype,
+                     f"igemm conv_stats {case} prologue={prologue}")
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=str)

@@ -35,6 +35,8 @@ from gpu_common import (  # noqa: F401  (no_tf32_seeded: an autouse fixture)
     Conv,
     assert_nhwc,
     assert_rule,
+    check_conv_bn_act,
+    check_conv_stats,
     conv_inputs,
     d64,
     eager_bn,
@@ -102,11 +104,7 @@ def test_conv_bn_act(case, dtype, residual, relu):
     scale, shift = vec(case.k, positive=True), vec(case.k)
     res = rand(case.n, case.k, *case.out_hw(), dtype=dtype) if residual else None
     y = T().conv_bn_act(x, w, scale, shift, res, *case.args, relu)
-    assert_nhwc(y)
-    assert y.dtype == dtype
-    expected = ref.conv_bn_act(d64(x), d64(w), d64(scale), d64(shift), d64(res), *case.args, relu=relu)
-    eager = eager_conv_bn_act(x, w, scale, shift, res, case, relu)
-    assert_rule(y, expected, dtype, eager, f"conv_bn_act {case}")
+    check_conv_bn_act(y, x, w, scale, shift, res, case, dtype, relu, f"conv_bn_act {case}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -118,20 +116,7 @@ def test_conv_stats(case, dtype, prologue):
     in_shift = vec(case.c) if prologue != "none" else None
     in_relu = prologue != "none"
     z, stats = T().conv_stats(x, w, in_scale, in_shift, in_relu, *case.args)
-    assert_nhwc(z, "z")
-    assert z.dtype == dtype and stats.dtype == torch.float32 and stats.shape == (2, case.k)
-    ez, estats = ref.conv_stats(d64(x), d64(w), d64(in_scale), d64(in_shift), in_relu, *case.args)
-    eager_z = F.conv2d(eager_prologue(x, in_scale, in_shift, in_relu), w, None, *case.args)
-    eager_s = stats_of(eager_z)
-    what = f"conv_stats {case} {prologue}"
-    assert_rule(z, ez, dtype, eager_z, what + " z")
-    assert_rule(stats[0], estats[0], dtype, eager_s[0], what + " mean")
-    assert_rule(stats[1], estats[1], dtype, eager_s[1], what + " M2")
-    # Statistics of the returned z vs float64 statistics of that same z (the reduction alone).
-    own = stats_of(d64(z))
-    assert (d64(stats[0]) - own[0]).abs().max().item() <= 2e-6 * max(own[0].abs().max().item(), 1.0)
-    m2_rel = ((d64(stats[1]) - own[1]).abs() / own[1].clamp_min(1e-30)).max().item()
-    assert m2_rel <= 2e-5, f"{what}: M2 relative error {m2_rel:.3e}"
+    check_conv_stats(z, stats, x, w, in_scale, in_shift, in_relu, case, dtype, f"conv_stats {case} {prologue}")
 
 
 @pytest.mark.parametrize("case", [RESNET50[1], RESNET50[2], GROUPED[0]], ids=str)
