@@ -199,3 +199,53 @@ def test_two_ranks_fused_torchvision_resnet18_with_sync_batchnorm(tmp_path):
             torch.testing.assert_close(o["grads"][name] * 2, p.grad, **close, msg=f"grad {name}")
         for name, b in ref_model.named_buffers():
             torch.testing.assert_close(o["buffers"][name], b, **close, msg=f"buffer {name}")
+
+
+DDP_WORKER = Path(__file__).parent / "dist" / "worker_ddp.py"
+
+
+def test_two_ranks_ddp_wraps_a_fused_model(tmp_path):
+    """The real DistributedDataParallel (gloo, CPU) around a fuse()d torchvision resnet18 with plain
+    BatchNorm2d, two ranks of 2 images (float64): each rank's output equals eager torchvision on its
+    slice, the gradients are the average of the two slices' eager gradients, and after one SGD step
+    both ranks hold the same parameters as eager SGD with those averaged gradients."""
+    import torchvision
+
+    from fused_resnet import _ext
+
+    backend = "cpu" if _ext.available() else "torch"
+    torch.manual_seed(0)
+    eager = torchvision.models.resnet18(num_classes=4).double()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in eager.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64) * 0.2)
+    splits = [0, 2, 4]
+    d = {"state": {k: v.clone() for k, v in eager.state_dict().items()}, "classes": 4,
+         "x": torch.randn(4, 3, 64, 64, dtype=torch.float64, generator=g),  # layer4: 2x2 per image
+         "g": torch.randn(4, 4, dtype=torch.float64, generator=g), "splits": splits}
+    outs = _run_two_ranks(DDP_WORKER, d, tmp_path, backend)
+
+    eager.train()
+    ys, grads = [], []
+    for r in range(2):  # each rank's slice through its own copy (per-rank BN statistics, as DDP has)
+        m = torchvision.models.resnet18(num_classes=4).double().train()
+        m.load_state_dict(d["state"])
+        lo, hi = splits[r], splits[r + 1]
+        y = m(d["x"][lo:hi])
+        (y * d["g"][lo:hi]).sum().backward()
+        ys.append(y.detach())
+        grads.append({k: p.grad for k, p in m.named_parameters()})
+    close = dict(rtol=1e-7, atol=1e-9)
+    params = dict(eager.named_parameters())
+    for r, o in enumerate(outs):
+        assert sum(op.startswith("conv_stats:") for op in o["ops"]) == 1 + 8 * 2 + 3, o["ops"]
+        assert all(op.endswith(":" + backend) for op in o["ops"]), o["ops"]
+        torch.testing.assert_close(o["y"], ys[r], **close)
+        for name, p in params.items():
+            avg = (grads[0][name] + grads[1][name]) / 2
+            scale = dict(rtol=1e-7, atol=1e-9 * max(avg.abs().max().item(), 1.0))  # relative to the tensor
+            torch.testing.assert_close(o["grads"][name], avg, **scale, msg=f"grad {name}")
+            torch.testing.assert_close(o["params"][name], p.detach() - 0.1 * avg, **scale, msg=f"param {name}")
