@@ -179,3 +179,18 @@ def check_conv_stats(z, stats, x, w, in_scale, in_shift, in_relu, case, dtype, w
     assert (d64(stats[0]) - own[0]).abs().max().item() <= 2e-6 * max(own[0].abs().max().item(), 1.0)
     m2_rel = ((d64(stats[1]) - own[1]).abs() / own[1].clamp_min(1e-30)).max().item()
     assert m2_rel <= 2e-5, f"{what}: M2 relative error {m2_rel:.3e}"
+
+
+def capture(fn, warmup=1):
+    """Warm up fn() on a side stream (as torch.cuda.graphs recommends: caches filled, Triton
+    tuned, outside the capture), then capture one fn() into a CUDA graph; (graph, its output)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

@@ -24,6 +24,7 @@ from gpu_common import (  # noqa: F401  (no_tf32_seeded: an autouse fixture)
     Conv,
     assert_nhwc,
     assert_rule,
+    capture,
     check_conv_bn_act,
     check_conv_stats,
     conv_inputs,
@@ -222,18 +223,6 @@ def test_deterministic():
     assert torch.equal(z1, z2) and torch.equal(s1, s2)
 
 
-def _capture(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 def test_cuda_graph_igemm(dtype):
     case = Conv(4, 64, 28, 28, 128)
@@ -252,7 +241,7 @@ def test_cuda_graph_igemm(dtype):
 
     assert _ran_igemm(step)
 
-    graph, (y, z, st) = _capture(step)
+    graph, (y, z, st) = capture(step)
     for _ in range(2):
         x.copy_(rand(*x.shape, dtype=dtype))
         res.copy_(rand(*res.shape, dtype=dtype))

@@ -27,6 +27,7 @@ from gpu_common import (  # noqa: F401  (no_tf32_seeded: an autouse fixture)
     assert_nhwc,
     assert_rule,
     bc,
+    capture,
     conv_inputs,
     d64,
     eager_bn,
@@ -401,26 +402,13 @@ def test_empty_batch(dtype):
     assert g.shape == zz.shape
 
 
-def _capture(fn):
-    """Warm up on a side stream (as torch.cuda.graphs recommends), then capture fn()."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_cuda_graph_conv_bn_act(dtype):
     case = Conv(8, 64, 28, 28, 64)
     x, w = conv_inputs(case, dtype)
     scale, shift = vec(case.k, dtype, positive=True), vec(case.k, dtype)
     res = rand(case.n, case.k, *case.out_hw(), dtype=dtype)
-    graph, y = _capture(lambda: ops().conv_bn_act(x, w, scale, shift, res, *case.args, True))
+    graph, y = capture(lambda: ops().conv_bn_act(x, w, scale, shift, res, *case.args, True))
     for _ in range(2):
         x.copy_(rand(*x.shape, dtype=dtype))
         res.copy_(rand(*res.shape, dtype=dtype))
@@ -447,7 +435,7 @@ def test_cuda_graph_training_step(momentum):
         ops().bn_update_running_stats(stats, count, rm, rv, nbt, momentum)
         return z, stats
 
-    graph, (z, stats) = _capture(step)
+    graph, (z, stats) = capture(step)
     # the warm-up and the capture itself may have run the update: restart from known values
     rm.zero_()
     rv.fill_(1.0)

@@ -17,6 +17,7 @@ from gpu_common import (  # noqa: F401  (no_tf32_seeded: autouse fixture, TF32 o
     CL,
     DEV,
     Conv,
+    capture,
     check_conv_bn_act,
     check_conv_stats,
     conv_inputs,
@@ -115,15 +116,7 @@ def test_cuda_graph_fused_model_eval(backend, dtype):
     model = model.to(DEV, dtype).to(memory_format=CL).eval()
     x = torch.randn(4, 3, 64, 64, device=DEV, dtype=dtype).contiguous(memory_format=CL)
     with torch.no_grad():
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):  # warm-up: folds cached, Triton tuned, outside the capture
-            for _ in range(2):
-                model(x)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = model(x)
+        graph, y = capture(lambda: model(x), warmup=2)  # folds cached and Triton tuned before the capture
         for seed in (1, 2):
             torch.manual_seed(seed)
             x.copy_(torch.randn_like(x))

@@ -35,6 +35,7 @@ from gpu_common import (  # noqa: F401  (no_tf32_seeded: an autouse fixture)
     Conv,
     assert_nhwc,
     assert_rule,
+    capture,
     check_conv_bn_act,
     check_conv_stats,
     conv_inputs,
@@ -302,18 +303,6 @@ def test_empty_batch():
     assert z.shape == (0, 32, 14, 14) and torch.isnan(stats[0]).all() and (stats[1] == 0).all()
 
 
-def _capture(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 @pytest.mark.parametrize("momentum", [None, 0.1])
 def test_cuda_graph_training_step(momentum):
     """conv_stats + bn_update_running_stats captured once and replayed (no host sync inside)."""
@@ -329,7 +318,7 @@ def test_cuda_graph_training_step(momentum):
         T().bn_update_running_stats(stats, count, rm, rv, nbt, momentum)
         return z, stats
 
-    graph, (z, stats) = _capture(step)
+    graph, (z, stats) = capture(step)
     rm.zero_()
     rv.fill_(1.0)
     nbt.zero_()
@@ -488,7 +477,7 @@ def test_cuda_graph_replay_sees_in_place_weight_updates():
     x, w = conv_inputs(case, torch.float16)
     scale, shift = vec(case.k, positive=True), vec(case.k)
     T().conv_bn_act(x, w, scale, shift, None, *case.args, False)  # cached before the capture
-    graph, y = _capture(lambda: T().conv_bn_act(x, w, scale, shift, None, *case.args, False))
+    graph, y = capture(lambda: T().conv_bn_act(x, w, scale, shift, None, *case.args, False))
     for _ in range(2):
         w.add_(rand(*w.shape, dtype=torch.float16, channels_last=False, scale=0.05))
         graph.replay()
