@@ -7,10 +7,10 @@ slice of the batch and saves its output, input gradient, parameter gradients (as
 them) and running statistics.
 """
 
-import sys
 
 import torch
 import torch.distributed as dist
+from _common import start
 from torch import nn
 
 import fused_resnet.nn as fnn
@@ -18,10 +18,7 @@ from fused_resnet import backends
 
 
 def main():
-    rank, world, init_file, inputs, out, backend = sys.argv[1:7]
-    rank, world = int(rank), int(world)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    d = torch.load(inputs)
+    rank, world, d, out, backend = start()
     down = nn.Sequential(nn.Conv2d(4, 6, 1, stride=2, bias=False), nn.BatchNorm2d(6))
     block = fnn.BasicBlock(4, 6, stride=2, downsample=down, backend=backend).double()
     block.load_state_dict(d["state"], strict=True)

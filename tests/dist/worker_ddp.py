@@ -7,25 +7,18 @@ slice of the batch; saves the output, the (DDP-averaged) gradients, the paramete
 and the fused ops that ran.
 """
 
-import sys
 
 import torch
 import torch.distributed as dist
-import torchvision
+from _common import fused_resnet18, start
 from torch.nn.parallel import DistributedDataParallel
 
-from fused_resnet import backends, fuse
+from fused_resnet import backends
 
 
 def main():
-    rank, world, init_file, inputs, out, backend = sys.argv[1:7]
-    rank, world = int(rank), int(world)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    d = torch.load(inputs)
-    model = torchvision.models.resnet18(num_classes=d["classes"]).double()
-    model.load_state_dict(d["state"], strict=True)
-    model, report = fuse(model, backend=backend)
-    assert report.counts["skipped"] == 0, str(report)
+    rank, world, d, out, backend = start()
+    model = fused_resnet18(d, backend)
     model.train()
     ddp = DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)

@@ -7,27 +7,20 @@ this rank's slice of the batch, parameter gradients averaged over ranks as
 DistributedDataParallel does (gloo); saves output, input gradient, averaged gradients and buffers.
 """
 
-import sys
 
 import torch
 import torch.distributed as dist
-import torchvision
+from _common import fused_resnet18, start
 from torch import nn
 
 import fused_resnet.nn as fnn
-from fused_resnet import backends, fuse
+from fused_resnet import backends
 from fused_resnet.convert import FoldedSyncBatchNorm
 
 
 def main():
-    rank, world, init_file, inputs, out, backend = sys.argv[1:7]
-    rank, world = int(rank), int(world)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    d = torch.load(inputs)
-    model = torchvision.models.resnet18(num_classes=d["classes"]).double()
-    model.load_state_dict(d["state"], strict=True)
-    model, report = fuse(model, backend=backend)
-    assert report.counts["skipped"] == 0, str(report)
+    rank, world, d, out, backend = start()
+    model = fused_resnet18(d, backend)
     fnn.convert_sync_batchnorm(model)
     assert type(model.bn1) is FoldedSyncBatchNorm and isinstance(model.layer4[0].downsample[1], nn.SyncBatchNorm)
     model.train()
