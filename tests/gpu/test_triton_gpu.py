@@ -42,7 +42,6 @@ from gpu_common import (  # noqa: F401  (no_tf32_seeded: an autouse fixture)
     d64,
     eager_bn,
     eager_conv_bn_act,
-    eager_prologue,
     rand,
     stats_of,
     vec,
