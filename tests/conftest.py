@@ -125,6 +125,24 @@ def assert_matches(actual, expected, dtype, lowp_reference=None, what="output"):
         assert err <= bound, f"{what}: {dtype} error {err:.3e} > 2 x torch's own {own:.3e} (+floor)"
 
 
+def randomize_norms(module: torch.nn.Module, seed: int, running: bool = True) -> None:
+    """Non-trivial affine parameters and running statistics (never the init's 1/0) in every
+    BatchNorm2d / FrozenBatchNorm2d / GroupNorm of ``module``, from a generator seeded with ``seed``:
+    weight U(0.5, 1.5), bias U(-0.5, 0.5), running_mean N(0, 0.3^2), running_var U(0.5, 1.5)."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d, torch.nn.GroupNorm)):
+            with torch.no_grad():
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+                if running and getattr(m, "running_mean", None) is not None:
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

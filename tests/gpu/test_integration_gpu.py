@@ -8,11 +8,13 @@ Never run on a GPU yet (none was lent while it was written); the checkers it use
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
 import torch
 import torchvision
+from conftest import randomize_norms as shared_randomize_norms
 from gpu_common import (  # noqa: F401  (no_tf32_seeded: autouse fixture, TF32 off, fixed seed)
     CL,
     DEV,
@@ -27,7 +29,6 @@ from gpu_common import (  # noqa: F401  (no_tf32_seeded: autouse fixture, TF32 o
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 try:
     from fused_resnet import backends, models
@@ -94,15 +95,7 @@ def test_fuzz_conv_ops(backend, dtype, case, residual, relu, prologue, offset):
     check_conv_stats(z, stats, x, w, in_scale, in_shift, prologue, case, dtype, f"{backend} conv_stats {case}")
 
 
-def _randomize_norms(model):
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+_randomize_norms = functools.partial(shared_randomize_norms, seed=3)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

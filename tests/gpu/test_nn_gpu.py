@@ -8,11 +8,13 @@ without the CUDA kernels in ``fused_resnet._C``.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import randomize_norms as shared_randomize_norms
 from gpu_common import no_tf32_seeded  # noqa: F401  (autouse fixture: TF32 off, fixed seed)
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -52,15 +54,7 @@ class OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def randomize_norms(module):
-    g = torch.Generator().manual_seed(7)
-    for m in module.modules():
-        if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+randomize_norms = functools.partial(shared_randomize_norms, seed=7)
 
 
 def close(a, b, what, rtol):

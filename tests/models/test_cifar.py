@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_norms as shared_randomize_norms
 from conftest import requires_c
 from torch import nn
 
@@ -40,15 +42,7 @@ def eager_forward(model: models.CifarResNet, x: torch.Tensor) -> torch.Tensor:
     return model.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
-def randomize_norms(model):
-    g = torch.Generator().manual_seed(5)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+randomize_norms = functools.partial(shared_randomize_norms, seed=5)
 
 
 def close(a, b, what, rtol=1e-9):

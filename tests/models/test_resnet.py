@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import pytest
 import torch
 import torchvision
+from conftest import randomize_norms as shared_randomize_norms
 from conftest import requires_c
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import resnet as tv
 from torchvision.ops import FrozenBatchNorm2d
@@ -33,15 +34,7 @@ class OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def randomize_norms(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(99)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+randomize_norms = functools.partial(shared_randomize_norms, seed=99)
 
 
 def close(a, b, what, rtol=1e-9):

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import randomize_norms as shared_randomize_norms
 from conftest import requires_c
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,18 +45,7 @@ class OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def randomize_norms(module: nn.Module, running: bool = True) -> None:
-    """Non-trivial affine parameters and running statistics (never the init's 1/0)."""
-    g = torch.Generator().manual_seed(1234)
-    for m in module.modules():
-        if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d, nn.GroupNorm)):
-            with torch.no_grad():
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-                if running and getattr(m, "running_mean", None) is not None:
-                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
-                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+randomize_norms = functools.partial(shared_randomize_norms, seed=1234)
 
 
 def make_pair(case: str, backend: str, dtype=torch.float64, norm_layer=None):
