@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("FUSED_RESNET_QUIET", "1")
 
@@ -123,6 +124,28 @@ def assert_matches(actual, expected, dtype, lowp_reference=None, what="output"):
         own = (lowp_reference.detach().to(torch.float64) - e).abs().max().item()
         bound = 2 * own + 1e-3 * max(mag, 1.0)
         assert err <= bound, f"{what}: {dtype} error {err:.3e} > 2 x torch's own {own:.3e} (+floor)"
+
+
+class OpRecorder(TorchDispatchMode):
+    """``with OpRecorder() as rec:`` records every op that actually runs (below autograd) in
+    ``rec.ops``, e.g. "fused_resnet.conv_bn_act", "aten.add"."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(".".join(str(func).split(".")[:2]))
+        return func(*args, **(kwargs or {}))
+
+
+def close(a, b, what, rtol=1e-9):
+    """max|a - b| <= rtol * max(max|b|, 1), same shapes (compared in float64)."""
+    a, b = a.detach().double(), b.detach().double()
+    assert a.shape == b.shape, what
+    err = (a - b).abs().max().item()
+    mag = max(b.abs().max().item(), 1.0)
+    assert err <= rtol * mag, f"{what}: error {err:.3e} (magnitude {mag:.3e})"
 
 
 def randomize_norms(module: torch.nn.Module, seed: int, running: bool = True) -> None:

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import OpRecorder, close
 from conftest import randomize_norms as shared_randomize_norms
 from gpu_common import no_tf32_seeded  # noqa: F401  (autouse fixture: TF32 off, fixed seed)
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import resnet as tv
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -44,25 +44,9 @@ DEV = "cuda"
 CL = torch.channels_last
 
 
-class OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(".".join(str(func).split(".")[:2]))
-        return func(*args, **(kwargs or {}))
-
 
 randomize_norms = functools.partial(shared_randomize_norms, seed=7)
 
-
-def close(a, b, what, rtol):
-    a, b = a.detach().double(), b.detach().double()
-    assert a.shape == b.shape, what
-    err = (a - b).abs().max().item()
-    mag = max(b.abs().max().item(), 1.0)
-    assert err <= rtol * mag, f"{what}: error {err:.3e} (magnitude {mag:.3e})"
 
 
 def block_pair(kind, dtype, norm_layer=None):

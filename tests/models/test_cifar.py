@@ -8,8 +8,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import OpRecorder, close, requires_c
 from conftest import randomize_norms as shared_randomize_norms
-from conftest import requires_c
 from torch import nn
 
 from fused_resnet import models
@@ -44,12 +44,6 @@ def eager_forward(model: models.CifarResNet, x: torch.Tensor) -> torch.Tensor:
 
 randomize_norms = functools.partial(shared_randomize_norms, seed=5)
 
-
-def close(a, b, what, rtol=1e-9):
-    a, b = a.detach().double(), b.detach().double()
-    err = (a - b).abs().max().item()
-    mag = max(b.abs().max().item(), 1.0)
-    assert err <= rtol * mag, f"{what}: error {err:.3e} (magnitude {mag:.3e})"
 
 
 @pytest.mark.parametrize("depth", list(PAPER_PARAMS))
@@ -111,22 +105,11 @@ def test_matches_eager_forward_train_and_eval(variant, backend):
 
 @requires_c
 def test_option_a_eval_is_one_op_per_conv():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Rec(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(".".join(str(func).split(".")[:2]))
-            return func(*args, **(kwargs or {}))
-
     m = models.cifar_resnet20(backend="cpu").eval()
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         m(x)
-        with Rec() as rec:
+        with OpRecorder() as rec:
             m(x)
     assert rec.ops.count("fused_resnet.conv_bn_act") == 19
     assert not {"aten.native_batch_norm", "aten._native_batch_norm_legit_no_training", "aten.relu",

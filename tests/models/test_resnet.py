@@ -9,9 +9,8 @@ import os
 import pytest
 import torch
 import torchvision
+from conftest import OpRecorder, close, requires_c
 from conftest import randomize_norms as shared_randomize_norms
-from conftest import requires_c
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import resnet as tv
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -24,25 +23,9 @@ BUILDERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resne
             "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
 
 
-class OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(".".join(str(func).split(".")[:2]))
-        return func(*args, **(kwargs or {}))
-
 
 randomize_norms = functools.partial(shared_randomize_norms, seed=99)
 
-
-def close(a, b, what, rtol=1e-9):
-    a, b = a.detach().double(), b.detach().double()
-    assert a.shape == b.shape, what
-    err = (a - b).abs().max().item()
-    mag = max(b.abs().max().item(), 1.0)
-    assert err <= rtol * mag, f"{what}: error {err:.3e} (magnitude {mag:.3e})"
 
 
 def compare_models(ref, fused, x, steps=1, rtol=1e-9):

@@ -9,10 +9,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import OpRecorder, requires_c
 from conftest import randomize_norms as shared_randomize_norms
-from conftest import requires_c
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import resnet as tv
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -32,17 +31,6 @@ CASES = {
     "bottleneck-dilation2": ("bottleneck", 32, 8, 1, False, 1, 64, 2, 2, 7, 7),
 }
 
-
-class OpRecorder(TorchDispatchMode):
-    """Records every op that actually runs (below autograd) while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(".".join(str(func).split(".")[:2]))  # e.g. "fused_resnet.conv_bn_act", "aten.add"
-        return func(*args, **(kwargs or {}))
 
 
 randomize_norms = functools.partial(shared_randomize_norms, seed=1234)
