@@ -40,6 +40,23 @@ def _run_two_ranks(worker: Path, inputs: dict, tmp_path: Path, backend: str) -> 
     return [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
 
 
+def _check_ranks_match_whole_batch(outs, ref, y, x, splits, backend, close, conv_stats_calls=None):
+    """Each rank's saved output, input gradient, gradients (averaged over the 2 ranks) and buffers
+    equal the whole batch's through ``ref`` in one process (``y`` and ``x.grad``), and every op ran
+    on ``backend`` with conv_stats among them (exactly ``conv_stats_calls`` times when given)."""
+    for r, o in enumerate(outs):
+        lo, hi = splits[r], splits[r + 1]
+        n_stats = sum(op.startswith("conv_stats:") for op in o["ops"])
+        assert n_stats > 0 and conv_stats_calls in (None, n_stats), o["ops"]
+        assert all(op.endswith(":" + backend) for op in o["ops"]), o["ops"]
+        torch.testing.assert_close(o["y"], y[lo:hi].detach(), **close)
+        torch.testing.assert_close(o["gx"], x.grad[lo:hi], **close)
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(o["grads"][name] * 2, p.grad, **close, msg=f"grad {name}")
+        for name, b in ref.named_buffers():
+            torch.testing.assert_close(o["buffers"][name], b, **close, msg=f"buffer {name}")
+
+
 def test_sync_stats_passes_through_without_a_process_group():
     stats = torch.randn(2, 5)
     out, count = sync_stats(stats, 7)
@@ -122,18 +139,8 @@ def test_data_parallel_fused_block_with_sync_batchnorm_matches_the_whole_batch(t
     x = d["x"].clone().requires_grad_()
     y = ref_block(x)
     (y * d["g"]).sum().backward()
-    close = dict(rtol=1e-9, atol=1e-9)
-    for r, o in enumerate(outs):
-        lo, hi = splits[r], splits[r + 1]
-        # the fused path ran: batch statistics through conv_stats / bn_finalize, no unfused BN
-        assert any(op.startswith("conv_stats:") for op in o["ops"]), o["ops"]
-        assert all(op.endswith(":" + backend) for op in o["ops"]), o["ops"]
-        torch.testing.assert_close(o["y"], y[lo:hi].detach(), **close)
-        torch.testing.assert_close(o["gx"], x.grad[lo:hi], **close)
-        for name, p in ref_block.named_parameters():
-            torch.testing.assert_close(o["grads"][name] * 2, p.grad, **close, msg=f"grad {name}")
-        for name, b in ref_block.named_buffers():
-            torch.testing.assert_close(o["buffers"][name], b, **close, msg=f"buffer {name}")
+    # the fused path ran: batch statistics through conv_stats / bn_finalize, no unfused BN
+    _check_ranks_match_whole_batch(outs, ref_block, y, x, splits, backend, dict(rtol=1e-9, atol=1e-9))
 
 
 def test_convert_sync_batchnorm_adopts_parameters_also_after_fuse():
@@ -188,17 +195,8 @@ def test_two_ranks_fused_torchvision_resnet18_with_sync_batchnorm(tmp_path):
     x = d["x"].clone().requires_grad_()
     y = ref_model(x)
     (y * d["g"]).sum().backward()
-    close = dict(rtol=1e-7, atol=1e-9)
-    for r, o in enumerate(outs):
-        lo, hi = splits[r], splits[r + 1]
-        assert sum(op.startswith("conv_stats:") for op in o["ops"]) == 1 + 8 * 2 + 3, o["ops"]  # stem, blocks
-        assert all(op.endswith(":" + backend) for op in o["ops"]), o["ops"]
-        torch.testing.assert_close(o["y"], y[lo:hi].detach(), **close)
-        torch.testing.assert_close(o["gx"], x.grad[lo:hi], **close)
-        for name, p in ref_model.named_parameters():
-            torch.testing.assert_close(o["grads"][name] * 2, p.grad, **close, msg=f"grad {name}")
-        for name, b in ref_model.named_buffers():
-            torch.testing.assert_close(o["buffers"][name], b, **close, msg=f"buffer {name}")
+    _check_ranks_match_whole_batch(outs, ref_model, y, x, splits, backend, dict(rtol=1e-7, atol=1e-9),
+                                   conv_stats_calls=1 + 8 * 2 + 3)  # stem, blocks
 
 
 DDP_WORKER = Path(__file__).parent / "dist" / "worker_ddp.py"
