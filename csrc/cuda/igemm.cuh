@@ -8,9 +8,11 @@
 // the host (tests/test_igemm_host.py), but NOT YET RUN ON A GPU. ops_cuda.cpp uses it only
 // when FUSED_RESNET_CUDA_CONV=igemm is set; cuDNN stays the default until tests/gpu passes.
 //
-// Layouts: x is NHWC (N, H, W, C) dense; w is (K, R, S, C) dense (the channels_last-
+// Layouts: x is NHWC (N, H, W, C) dense; w is (K, R, S, C / groups) dense (the channels_last-
 // contiguous PyTorch weight); y / z / residual are NHWC (N, P, Q, K) dense; scale and shift
-// are K floats. All activation and weight pointers must be 16-byte aligned.
+// are K floats, in_scale / in_shift C floats (global channel indices for every group). All
+// activation and weight pointers must be 16-byte aligned. dtype Float16, BFloat16 or Float32
+// (TF32); all three accumulate in float32.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -30,11 +32,18 @@ struct IgemmConv {
   int64_t r = 0, s = 0;                   // filter size
   int64_t p = 0, q = 0;                   // output size
   int64_t stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1;
+  // Grouped convolution: C / groups input and K / groups output channels a group; w is then
+  // (K, R, S, C / groups) dense. x's channel stride stays C, y's K.
+  int64_t groups = 1;
 };
 
-// True when the kernel handles this call: dtype Float16/BFloat16, C % 8 == 0, K % 8 == 0,
-// R*S*C < 2^31, spatial sizes and hyper-parameters that fit int32, 16-byte aligned x / w.
-// (groups == 1, same device and compute capability >= 8.0 are the caller's checks.)
+// True when the kernel handles this call: dtype Float16/BFloat16 (mma.m16n8k16) or Float32
+// (TF32 math: mma.m16n8k8 .tf32 with operands rounded to TF32 -- the CALLER decides whether
+// TF32 is allowed, see ops_cuda.cpp); C and K divisible by groups and C / groups, K / groups
+// multiples of the 16-byte vector (8 elements for 16-bit dtypes, 4 for float32);
+// R*S*C/groups < 2^31, spatial sizes and hyper-parameters that fit int32, groups *
+// ceil(K / groups / 64) <= 65535, 16-byte aligned x / w. (Same device and compute
+// capability >= 8.0 are the caller's checks.)
 bool igemm_supported(DType dtype, const IgemmConv& conv);
 
 // Rows of output pixels per statistics chunk (the CTA tile height) and the chunk count of

@@ -10,8 +10,19 @@
 //                                             channels and in w's rows)
 //   A[m][k] = x[n][p*sh - ph + r*dh][q*sw - pw + s*dw][c]   (0 outside the image: padding)
 //   B[k][n] = w[n][r][s][c]                                  (w is B^T, row-major)
-// Every 16-byte vector (8 elements) of the reduction lies inside one (r, s) because
-// C % 8 == 0, so one predicate and one address per vector suffice.
+// Grouped convolution (G groups, Cg = C / G input and Kg = K / G output channels a group) is
+// G independent GEMMs of M x Kg x (R * S * Cg): group g reads x's channels [g*Cg, (g+1)*Cg)
+// (x's channel stride stays C), the weight rows [g*Kg, (g+1)*Kg) of the (K, R, S, Cg) weight,
+// and writes output channels [g*Kg, (g+1)*Kg). Below, `c` / `k` of ConvShape are the totals
+// (strides), `cg` / `kg` the per-group counts; KR = R * S * Cg; groups == 1 is Cg = C.
+// Every 16-byte vector (8 f16/bf16 or 4 f32 elements) of the reduction lies inside one
+// (r, s) because Cg is a multiple of the vector, so one predicate and one address per vector.
+//
+// Shared memory is addressed in 16-bit units whatever the element type: a tile row is 64
+// bytes = 4 16-byte vectors = 32 f16/bf16 or 16 f32 elements of the reduction. The byte
+// layout (swizzle, loader assignment, ldmatrix row addresses) is therefore the same for the
+// 16-bit kernels (mma.m16n8k16) and the TF32 kernel (mma.m16n8k8 .tf32, whose k8 step is the
+// same 32 bytes a row as a k16 step of 16-bit elements).
 #pragma once
 
 #include <cstdint>
@@ -27,18 +38,24 @@ namespace cuda {
 namespace igemm {
 
 constexpr int kBM = 128;     // CTA tile rows (output pixels); also the statistics chunk
-constexpr int kBK = 32;      // CTA tile depth (reduction elements per pipeline stage)
-constexpr int kVec = 8;      // elements per 16-byte vector (f16/bf16)
+constexpr int kBK = 32;      // tile row length in 16-bit units (64 bytes)
+constexpr int kVec = 8;      // 16-bit units (f16/bf16 elements) per 16-byte vector
 constexpr int kChunks = kBK / kVec;  // 16-byte vectors per smem tile row (4)
 
+// Elements per 16-byte vector and reduction elements per k-tile for an element of `bytes`
+// (2: f16/bf16, 4: f32/TF32).
+FR_HD constexpr int vec_elems(int bytes) { return 16 / bytes; }
+FR_HD constexpr int bk_elems(int bytes) { return kChunks * vec_elems(bytes); }
+
 struct ConvShape {
-  int64_t n, h, w, c;   // input (NHWC)
-  int64_t k;            // output channels
+  int64_t n, h, w, c;   // input (NHWC); c = all channels (x's channel stride)
+  int64_t k;            // output channels, all groups (y's channel stride)
   int r, s;             // filter
   int64_t p, q;         // output spatial size
   int sh, sw, ph, pw, dh, dw;
+  int64_t groups = 1, cg = 0, kg = 0;  // groups; channels per group (cg = c / groups, kg = k / groups)
   FR_HD int64_t rows() const { return n * p * q; }
-  FR_HD int64_t red() const { return static_cast<int64_t>(r) * s * c; }
+  FR_HD int64_t red() const { return static_cast<int64_t>(r) * s * cg; }
 };
 
 // The two CTA tile configurations (kBM x BN): warps and pipeline depth. Warp tiles are
@@ -58,13 +75,13 @@ struct Tile<64> {
 
 // Per-row (output pixel) data a loader thread keeps for the whole main loop.
 struct RowInfo {
-  int64_t base;  // element offset of image n in x (n * H * W * C)
+  int64_t base;  // element offset of image n, group g's first channel in x (n*H*W*C + g*Cg)
   int ih0;       // p * sh - ph: input row of filter tap r = 0
   int iw0;       // q * sw - pw
   bool valid;    // m < M
 };
 
-FR_HD RowInfo a_row(const ConvShape& g, int64_t m) {
+FR_HD RowInfo a_row(const ConvShape& g, int64_t m, int64_t grp = 0) {
   RowInfo ri{0, 0, 0, false};
   if (m < g.rows()) {
     const int64_t pq = g.p * g.q;
@@ -72,7 +89,7 @@ FR_HD RowInfo a_row(const ConvShape& g, int64_t m) {
     const int64_t rem = m - img * pq;
     const int64_t op = rem / g.q;
     const int64_t oq = rem - op * g.q;
-    ri.base = img * g.h * g.w * g.c;
+    ri.base = img * g.h * g.w * g.c + grp * g.cg;
     ri.ih0 = static_cast<int>(op * g.sh - g.ph);
     ri.iw0 = static_cast<int>(oq * g.sw - g.pw);
     ri.valid = true;
@@ -80,7 +97,8 @@ FR_HD RowInfo a_row(const ConvShape& g, int64_t m) {
   return ri;
 }
 
-// Reduction index k -> (filter tap r, s; channel c). k < KR < 2^31 (checked by the launcher).
+// Reduction index k -> (filter tap r, s; channel c within the group). k < KR < 2^31
+// (checked by the launcher).
 struct KInfo {
   int r, s, c;
   bool valid;  // k < KR
@@ -88,7 +106,7 @@ struct KInfo {
 
 FR_HD KInfo k_decompose(const ConvShape& g, int k) {
   KInfo ki{0, 0, 0, false};
-  const int cc = static_cast<int>(g.c);
+  const int cc = static_cast<int>(g.cg);
   if (static_cast<int64_t>(k) < g.red()) {
     const int rs = k / cc;
     ki.c = k - rs * cc;
@@ -110,14 +128,19 @@ FR_HD bool a_offset(const ConvShape& g, const RowInfo& ri, const KInfo& ki, int6
   return true;
 }
 
-// Global element offset of B^T row n (= w[n]) at reduction index k, or false (zero-fill).
-FR_HD bool b_offset(const ConvShape& g, int64_t n, int k, int64_t* off) {
-  if (n >= g.k || static_cast<int64_t>(k) >= g.red()) return false;
-  *off = n * g.red() + k;
+// Global element offset of B^T row n (the group's output channel n, i.e. w[grp * Kg + n]) at
+// reduction index k, or false (zero-fill).
+FR_HD bool b_offset(const ConvShape& g, int64_t grp, int64_t n, int k, int64_t* off) {
+  if (n >= g.kg || static_cast<int64_t>(k) >= g.red()) return false;
+  *off = (grp * g.kg + n) * g.red() + k;
   return true;
 }
 
-// Shared-memory tile [rows][kBK] of 16-bit elements, 64 bytes a row, 16-byte vector `chunk`
+// Grid dimension y enumerates (group, n-tile within the group): y = grp * n_tiles + tile with
+// n_tiles = ceil(Kg / BN).
+FR_HD int64_t n_tiles_per_group(const ConvShape& g, int bn) { return (g.kg + bn - 1) / bn; }
+
+// Shared-memory tile [rows][kBK] of 16-bit units, 64 bytes a row, 16-byte vector `chunk`
 // (0..3) stored at chunk ^ ((row >> 1) & 3). An ldmatrix phase reads one logical chunk of 8
 // consecutive rows; their physical 16-byte units ((row & 1) * 4 + swizzled chunk within a
 // 128-byte line) are then all different, i.e. the 8 rows hit all 32 banks once:
@@ -135,6 +158,12 @@ FR_HD int loader_row(int tid, int i, int threads) { return (tid >> 2) + i * (thr
 // a4a5, a6a7 registers.
 FR_HD int ldsm_a_row(int lane) { return lane & 15; }
 FR_HD int ldsm_a_chunk(int lane) { return lane >> 4; }
+// The same addresses serve the TF32 kernel: an 8 x 8 b16 matrix is then 8 rows x 4 f32, lane
+// l receiving element (l & 3) of row l >> 2, and matrices 0..3 = (rows 0-7, k 0-3),
+// (rows 8-15, k 0-3), (rows 0-7, k 4-7), (rows 8-15, k 4-7) of a 16 x 8 f32 A tile are exactly
+// m16n8k8 .tf32's a0, a1, a2, a3 (row groupID (+8 for a1, a3), column threadID_in_group (+4
+// for a2, a3)); for B, (n 0-7, k 0-3) and (n 0-7, k 4-7) are its b0 (k = threadID_in_group)
+// and b1 (k + 4), column n = groupID.
 // B (two n8 tiles, 16 n x 16 k at (n0, k0); smem holds B^T, i.e. [n][k]): matrices 0..3 =
 // (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) = b0, b1 of n-tile 0,
 // b0, b1 of n-tile 1 (non-transposed ldmatrix: a row of the [n][k] matrix is one n).
@@ -151,8 +180,9 @@ FR_HD int warp_col0(int warp, int warps_m, int wn) { return (warp / warps_m) * w
 FR_HD int acc_row(int lane, int e) { return (lane >> 2) + 8 * (e >> 1); }
 FR_HD int acc_col(int lane, int e) { return 2 * (lane & 3) + (e & 1); }
 
-// Composed: smem element offset (within one stage's A or B tile) of the 16-byte row that
-// `lane` hands to ldmatrix.x4 for A mma tile i of a warp at row wm0, k16 step kk; and for
+// Composed: smem offset in 16-bit units (within one stage's A or B tile) of the 16-byte row
+// that `lane` hands to ldmatrix.x4 for A mma tile i of a warp at row wm0, 32-byte k-step kk
+// (k16 of f16/bf16, k8 of f32); and for
 // B n-tile pair j of a warp at column wn0.
 FR_HD int ldsm_a_offset(int wm0, int i, int kk, int lane) {
   return swizzle(wm0 + i * 16 + ldsm_a_row(lane), kk * 2 + ldsm_a_chunk(lane));
@@ -161,9 +191,16 @@ FR_HD int ldsm_b_offset(int wn0, int j, int kk, int lane) {
   return swizzle(wn0 + j * 16 + ldsm_b_row(lane), kk * 2 + ldsm_b_chunk(lane));
 }
 
-// Epilogue copy-out: thread-strided index idx over the BM x (BN / 8) vectors of the tile.
-FR_HD int out_row(int idx, int bn) { return idx / (bn / kVec); }
-FR_HD int out_col(int idx, int bn) { return (idx % (bn / kVec)) * kVec; }
+// Epilogue copy-out: thread-strided index idx over the rows x (BN / vec) 16-byte vectors of
+// the staged tile (vec = elements per vector: 8 for 16-bit, 4 for f32).
+FR_HD int out_row(int idx, int bn, int vec = kVec) { return idx / (bn / vec); }
+FR_HD int out_col(int idx, int bn, int vec = kVec) { return (idx % (bn / vec)) * vec; }
+
+// Epilogue passes: the staged output tile [rows][BN + 8] must fit in the pipeline's 48 KiB.
+// 16-bit outputs: one pass of all kBM rows (128 x 136 x 2 B = 34 KiB). f32 outputs: two passes
+// of kBM / 2 rows (64 x 136 x 4 B = 34 KiB); in pass p, the warps whose rows lie in
+// [p * kBM / 2, (p + 1) * kBM / 2) stage their accumulators (warp_row0 / (kBM / passes) == p).
+FR_HD constexpr int epi_passes(int bytes) { return bytes == 4 ? 2 : 1; }
 
 }  // namespace igemm
 }  // namespace cuda

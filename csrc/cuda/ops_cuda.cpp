@@ -9,8 +9,9 @@
 // the deterministic statistics: per-chunk partials, then a fixed-order merge).
 //
 // Opt-in: FUSED_RESNET_CUDA_CONV=igemm (read on every call) runs supported convolutions
-// (float16/bfloat16, groups 1, C % 8 == 0, K % 8 == 0, 16-byte aligned data, compute
-// capability >= 8.0) through our own tensor-core implicit GEMM (igemm.cu) with the
+// (float16/bfloat16, or float32 as TF32 when torch.backends.cudnn.allow_tf32 allows it; any
+// groups with C / groups and K / groups multiples of 8 (4 for float32); 16-byte aligned data;
+// compute capability >= 8.0) through our own tensor-core implicit GEMM (igemm.cu) with the
 // epilogue / statistics fused into the same launch; anything else still goes to cuDNN, and
 // a one-time warning says so. The DEFAULT STAYS cuDNN until igemm has passed tests/gpu on a
 // real GPU (it has been compiled and its index math emulated on the host only). On that
@@ -18,6 +19,7 @@
 //
 // Graph-capture safety: no host synchronization, no .item(), workspaces come from the
 // caching allocator (at::empty) and every launch goes to the current stream.
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/empty.h>
@@ -26,6 +28,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <array>
@@ -120,10 +123,32 @@ bool aligned16(const at::Tensor& t) {
   return !t.defined() || (reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) & 15u) == 0;
 }
 
+// Whether torch allows TF32 for a float32 convolution, read on every call (a per-call
+// decision, like cuDNN's). PyTorch's own convolutions consult the cuDNN flag
+// (torch.backends.cudnn.allow_tf32, in torch >= 2.9 also set through
+// torch.backends.cudnn.conv.fp32_precision = "tf32"), not torch.backends.cuda.matmul.allow_tf32
+// (cuBLAS matmuls only); igemm follows the same flag so that FUSED_RESNET_CUDA_CONV=igemm never
+// changes the precision a float32 model gets. The conv-specific query avoids the legacy
+// no-argument form, which throws when the conv and RNN flags were set differently.
+bool tf32_conv_allowed() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+#else
+  return at::globalContext().allowTF32CuDNN("conv");
+#endif
+}
+
 // The igemm description of conv(xin, w) when the kernel can run it, else nullopt (cuDNN).
-// xin must be channels_last-contiguous; `wc` receives the (K, R, S, C)-dense weight.
+// xin must be channels_last-contiguous; `wc` receives the (K, R, S, C / groups)-dense weight.
 // `extra` is one more tensor the kernel reads or writes directly (the residual) that must be
 // 16-byte aligned too.
+//
+// dtypes: float16 / bfloat16 always; float32 only when tf32_conv_allowed() (TF32 tensor-core
+// math, as cuDNN would use under that flag); when TF32 is not allowed, float32 stays on cuDNN,
+// which then computes in exact fp32 -- the correct, slower path. float64: cuDNN.
+// Groups: C / groups and K / groups must be multiples of the 16-byte vector (8 elements for
+// 16-bit dtypes, 4 for float32); e.g. resnext50_32x4d's first stage (C / groups = 4) runs on
+// cuDNN in float16 / bfloat16.
 std::optional<fk::IgemmConv> igemm_plan(const at::Tensor& xin, const at::Tensor& weight,
                                         at::IntArrayRef stride, at::IntArrayRef padding,
                                         at::IntArrayRef dilation, int64_t groups,
@@ -131,14 +156,32 @@ std::optional<fk::IgemmConv> igemm_plan(const at::Tensor& xin, const at::Tensor&
                                         const at::Tensor& extra = at::Tensor()) {
   if (!igemm_requested()) return std::nullopt;
   const auto dt = xin.scalar_type();
-  const bool dtype_ok = dt == at::kHalf || dt == at::kBFloat16;
-  // mma.sync / ldmatrix / cp.async need sm_80+ (cudaDeviceGetAttribute: no sync, cheap).
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
-                                        xin.get_device()));
-  const bool arch_ok = major >= 8;
+  const char* why = nullptr;
+  if (dt == at::kFloat) {
+    if (!tf32_conv_allowed())
+      why = "float32 with TF32 disallowed (torch.backends.cudnn.allow_tf32 is False): cuDNN "
+            "computes it in exact float32";
+  } else if (dt != at::kHalf && dt != at::kBFloat16) {
+    why = "dtype not float16/bfloat16/float32";
+  }
   std::optional<fk::IgemmConv> plan;
-  if (dtype_ok && arch_ok && groups == 1 && weight.device() == xin.device()) {
+  if (why == nullptr) {
+    // mma.sync / ldmatrix / cp.async need sm_80+ (cudaDeviceGetAttribute: no sync, cheap).
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                          xin.get_device()));
+    const int64_t vec = dt == at::kFloat ? 4 : 8;
+    const int64_t cg = xin.size(1) / groups, kg = weight.size(0) / groups;
+    if (major < 8) {
+      why = "compute capability < 8.0";
+    } else if (weight.device() != xin.device()) {
+      why = "weight on another device";
+    } else if (cg % vec != 0 || kg % vec != 0) {
+      why = dt == at::kFloat ? "channels per group (C / groups or K / groups) not a multiple of 4"
+                             : "channels per group (C / groups or K / groups) not a multiple of 8";
+    }
+  }
+  if (why == nullptr) {
     wc = weight.contiguous(kCL);
     fk::IgemmConv c;
     c.x = xin.const_data_ptr();
@@ -158,14 +201,21 @@ std::optional<fk::IgemmConv> igemm_plan(const at::Tensor& xin, const at::Tensor&
     c.pad_w = padding[1];
     c.dil_h = dilation[0];
     c.dil_w = dilation[1];
-    if (fk::igemm_supported(to_kernel_dtype(dt), c) && aligned16(extra)) plan = c;
+    c.groups = groups;
+    if (!aligned16(extra))
+      why = "residual not 16-byte aligned";
+    else if (!fk::igemm_supported(to_kernel_dtype(dt), c))
+      why = "unaligned tensors or sizes beyond the int32 index math";
+    else
+      plan = c;
   }
   if (!plan) {
     TORCH_WARN_ONCE("FUSED_RESNET_CUDA_CONV=igemm: a convolution the igemm kernel does not "
-                    "support (it needs float16/bfloat16, groups=1, input and output channels "
-                    "divisible by 8, 16-byte aligned tensors, compute capability >= 8.0) runs "
-                    "through cuDNN instead; first such call: x ", xin.sizes(), " ", dt,
-                    ", weight ", weight.sizes(), ", groups ", groups);
+                    "support runs through cuDNN instead (igemm needs float16/bfloat16, or "
+                    "float32 with TF32 allowed; input and output channels per group divisible "
+                    "by 8 (by 4 for float32); 16-byte aligned tensors; compute capability >= "
+                    "8.0); first such call: ", why, "; x ", xin.sizes(), " ", dt, ", weight ",
+                    weight.sizes(), ", groups ", groups);
   }
   return plan;
 }
