@@ -2,9 +2,12 @@
 
 ``csrc/cuda/host_test/igemm_host_test.cpp`` runs every CTA of several convolutions (padding,
 stride 2 with odd sizes, dilation, rectangular filters, partial M / N / K tiles, both tile
-configurations) through the kernel's own address / swizzle / fragment functions
-(``csrc/cuda/igemm_layout.cuh``), emulates ldmatrix and mma.m16n8k16 from the PTX ISA's
-definitions, and checks the fragments, bank-conflict freedom and the result against a naive
+configurations; grouped convolutions with K/groups = 8, 16, 64 and 200, partial tiles and the
+prologue on global channels; float32 / TF32 with 4-element vectors, the 16-element k-tile, the
+m16n8k8 .tf32 fragments and the two-pass f32 epilogue, incl. C/groups = 4) through the kernel's
+own address / swizzle / fragment functions (``csrc/cuda/igemm_layout.cuh``), emulates ldmatrix
+(b16, also on f32 rows) and mma.m16n8k16 / m16n8k8 .tf32 from the PTX ISA's definitions, and
+checks the fragments, bank-conflict freedom and the result against a naive (grouped)
 convolution. Here it is compiled with the host C++ compiler (or the CUDA toolkit's nvcc as
 a host compiler) and run.
 """

@@ -6,6 +6,13 @@ fused) through ``fused_resnet.functional`` with ``backend="cuda"``, at every dis
 ResNet-50 convolution shape except the stem (batch 2) and odd shapes (C = 8, K = 24, 5x7
 spatial, stride 2 with odd H, dilation 2, batch 1 and 3), in float16 and bfloat16, by the
 rule of gpu_common (error vs the float64 reference <= 2x PyTorch's own error in that dtype).
+Grouped convolutions (ResNeXt: resnext50_32x4d, resnext101_32x8d, resnext101_64x4d grouped 3x3
+shapes, channels per group 8..64, and odd grouped shapes) by the same rule, each asserting that
+igemm really ran; channels per group 4 falls back to cuDNN in 16-bit (and still agrees).
+float32: with TF32 allowed for convolutions (torch.backends.cudnn.allow_tf32) igemm runs TF32
+math and is checked against float64 by an error bound DERIVED from TF32 rounding (see
+``tf32_conv_bound``); with it disallowed (the suite's default, gpu_common.no_tf32_seeded) float32
+stays on cuDNN in exact float32 and is checked by the 2x rule.
 A profiler check proves the igemm kernel really ran (and that unsupported calls fall back to
 cuDNN with the right answer); statistics are checked against the returned z itself, for
 |mean| >> std, and for bitwise determinism; and the path is captured into a CUDA graph.
@@ -114,6 +121,17 @@ def _ran_igemm(fn) -> bool:
     return any("igemm_kernel" in n for n in _kernels(fn))
 
 
+def _run_igemm(fn):
+    """fn()'s result, asserting that the igemm kernel ran (no silent cuDNN fallback)."""
+    out = {}
+
+    def call():
+        out["r"] = fn()
+
+    assert _ran_igemm(call), "igemm kernel did not run (cuDNN fallback)"
+    return out["r"]
+
+
 def test_shape_list_is_resnet50():
     assert len(RN50) == 22, [str(c) for c in RN50]
 
@@ -143,6 +161,177 @@ def test_conv_stats_igemm(case, dtype, prologue):
                      f"igemm conv_stats {case} prologue={prologue}")
 
 
+# ---- groups (ResNeXt) ----------------------------------------------------------------------
+# Every grouped 3x3 shape of torchvision's ResNeXt-50 32x4d, ResNeXt-101 32x8d and 64x4d (batch
+# 2) whose channels per group are multiples of 8 (stage 1 of 32x4d and 64x4d has 4: cuDNN in
+# 16-bit, see GROUPED_FALLBACK), stride-2 first blocks included, plus odd grouped shapes.
+def _resnext_shapes(groups, width_per_group, n=2):
+    out = []
+    for i, hw in enumerate([56, 28, 14, 7]):
+        width = groups * width_per_group * 2 ** i
+        if width // groups % 8:
+            continue
+        if i > 0:  # first block of the stage: stride 2 on the 3x3 (from the previous resolution)
+            out.append(Conv(n, width, hw * 2, hw * 2, width, stride=2, groups=groups))
+        out.append(Conv(n, width, hw, hw, width, groups=groups))
+    return out
+
+
+GROUPED = list(dict.fromkeys(
+    _resnext_shapes(32, 4) + _resnext_shapes(32, 8) + _resnext_shapes(64, 4) + [
+        Conv(3, 48, 9, 7, 24, groups=3),                      # Cg = 16, Kg = 8 (one 64 tile, 56 empty)
+        Conv(1, 32, 6, 6, 400, groups=2),                     # Kg = 200: two 128 tiles, second partial
+        Conv(2, 64, 13, 11, 64, padding=2, dilation=2, groups=4),  # dilation 2, Cg = Kg = 16
+        Conv(3, 64, 15, 15, 128, r=1, stride=2, padding=0, groups=8),  # 1x1 grouped, s2 odd H
+    ]))
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("case", GROUPED, ids=str)
+def test_conv_bn_act_igemm_grouped(case, dtype):
+    x, w = conv_inputs(case, dtype)
+    scale, shift = vec(case.k, dtype, positive=True), vec(case.k, dtype)
+    res = rand(case.n, case.k, *case.out_hw(), dtype=dtype)
+    s, p, d, g = case.args
+    y = _run_igemm(lambda: FR.conv_bn_act(x, w, scale, shift, res, s, p, d, g, True, backend="cuda"))
+    check_conv_bn_act(y, x, w, scale, shift, res, case, dtype, True, f"igemm grouped conv_bn_act {case}")
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("case", GROUPED, ids=str)
+def test_conv_stats_igemm_grouped(case, dtype):
+    x, w = conv_inputs(case, dtype)
+    isc, ish = vec(case.c, dtype, positive=True), vec(case.c, dtype)
+    s, p, d, g = case.args
+    z, stats = _run_igemm(lambda: FR.conv_stats(x, w, isc, ish, True, s, p, d, g, backend="cuda"))
+    check_conv_stats(z, stats, x, w, isc, ish, True, case, dtype, f"igemm grouped conv_stats {case}")
+
+
+GROUPED_FALLBACK = [
+    Conv(2, 128, 56, 56, 128, groups=32),  # resnext50_32x4d stage 1: C/groups = 4
+    Conv(2, 256, 56, 56, 256, groups=64),  # resnext101_64x4d stage 1: C/groups = 4
+]
+
+
+@pytest.mark.filterwarnings("ignore:FUSED_RESNET_CUDA_CONV=igemm")
+@pytest.mark.parametrize("case", GROUPED_FALLBACK, ids=str)
+def test_grouped_cg4_falls_back_in_16bit(case):
+    dtype = torch.bfloat16
+    x, w = conv_inputs(case, dtype)
+    scale, shift = vec(case.k, dtype, positive=True), vec(case.k, dtype)
+    s, p, d, g = case.args
+    out = {}
+
+    def run():
+        out["y"] = FR.conv_bn_act(x, w, scale, shift, None, s, p, d, g, True, backend="cuda")
+
+    assert not _ran_igemm(run)
+    check_conv_bn_act(out["y"], x, w, scale, shift, None, case, dtype, True, f"C/g=4 fallback {case}")
+
+
+# ---- float32: TF32 when allowed ----------------------------------------------------------------
+# Error bound of igemm's TF32 path against float64, derived (not tuned):
+#   * each mma operand is rounded to TF32 by cvt.rna (10 explicit mantissa bits: relative error
+#     <= 2^-11); the prologue's float32 FMA adds <= 2^-24 to the A operand (U_OP below);
+#   * a TF32 x TF32 product is exact in float32 and the accumulation of n = R*S*C/groups terms
+#     in float32 errs by <= n * 2^-23 * sum|terms| (2^-23: one float32 ulp, so also right if
+#     the tensor core truncates instead of rounding);
+#   * the epilogue (FMA with scale / shift, + residual) rounds twice in float32;
+# so |conv_tf32 - conv| <= ((1 + U_OP)^2 - 1 + n * 2^-23) * conv(|x|, |w|) elementwise.
+U_OP = 2.0**-11 + 2.0**-23
+U32 = 2.0**-23
+
+
+def tf32_conv_bound(xt64, w64, case):
+    """Elementwise bound on |conv in TF32 - conv in float64| for float64 (transformed) x and w."""
+    n = case.c // case.groups * case.r * case.r
+    return ((1 + U_OP) ** 2 - 1 + n * U32) * F.conv2d(xt64.abs(), w64.abs(), None, *case.args)
+
+
+def _assert_bound(actual, expected, bound, what):
+    a, e = d64(actual), d64(expected)
+    assert a.shape == e.shape and torch.isfinite(a).all(), what
+    excess = ((a - e).abs() - bound).max().item()
+    worst = ((a - e).abs() / bound.clamp_min(1e-300)).max().item()
+    assert excess <= 0, f"{what}: error exceeds the derived TF32 bound (max err/bound {worst:.3f})"
+
+
+@pytest.fixture
+def tf32_on():
+    torch.backends.cudnn.allow_tf32 = True  # the flag PyTorch's convolutions follow
+    yield
+    torch.backends.cudnn.allow_tf32 = False  # no_tf32_seeded restores the original after
+
+
+F32_CASES = [RN50[1], RN50[3], RN50[8], RN50[-1]] + ODD + [
+    GROUPED[0], GROUPED[-3], GROUPED[-2],
+    Conv(2, 128, 14, 14, 128, groups=32),   # C/groups = 4: float32 (4-element vectors) runs it
+]
+
+
+@pytest.mark.parametrize("case", F32_CASES, ids=str)
+def test_conv_bn_act_tf32(case, tf32_on):
+    dtype = torch.float32
+    x, w = conv_inputs(case, dtype)
+    scale, shift = vec(case.k, dtype, positive=True), vec(case.k, dtype)
+    res = rand(case.n, case.k, *case.out_hw(), dtype=dtype)
+    s, p, d, g = case.args
+    y = _run_igemm(lambda: FR.conv_bn_act(x, w, scale, shift, res, s, p, d, g, True, backend="cuda"))
+    assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
+    expected = ref.conv_bn_act(d64(x), d64(w), d64(scale), d64(shift), d64(res), *case.args, relu=True)
+    conv = F.conv2d(d64(x), d64(w), None, *case.args)
+    sc, sh = d64(scale).view(1, -1, 1, 1), d64(shift).view(1, -1, 1, 1)
+    bound = (sc.abs() * tf32_conv_bound(d64(x), d64(w), case)
+             + 2 * U32 * ((sc * conv).abs() + sh.abs() + d64(res).abs()))
+    _assert_bound(y, expected, bound, f"TF32 conv_bn_act {case}")
+
+
+@pytest.mark.parametrize("case", F32_CASES, ids=str)
+def test_conv_stats_tf32(case, tf32_on):
+    dtype = torch.float32
+    x, w = conv_inputs(case, dtype)
+    isc, ish = vec(case.c, dtype, positive=True), vec(case.c, dtype)
+    s, p, d, g = case.args
+    z, stats = _run_igemm(lambda: FR.conv_stats(x, w, isc, ish, True, s, p, d, g, backend="cuda"))
+    ez, estats = ref.conv_stats(d64(x), d64(w), d64(isc), d64(ish), True, *case.args)
+    xt = torch.relu(d64(x) * d64(isc).view(1, -1, 1, 1) + d64(ish).view(1, -1, 1, 1))
+    b = tf32_conv_bound(xt, d64(w), case)
+    _assert_bound(z, ez, b, f"TF32 conv_stats z {case}")
+    # Statistics: mean errs by at most the mean bound; M2(z + e) - M2(z) =
+    # 2 sum (z - zbar)(e - ebar) + sum (e - ebar)^2, |e - ebar| <= b + bbar; plus float32 storage.
+    dims = (0, 2, 3)
+    bbar = b.mean(dim=dims, keepdim=True)
+    dev = (ez - ez.mean(dim=dims, keepdim=True)).abs()
+    mean_bound = bbar.flatten() + U32 * estats[0].abs()
+    m2_bound = (2 * (dev * (b + bbar)).sum(dim=dims) + ((b + bbar) ** 2).sum(dim=dims)
+                + U32 * estats[1].abs())
+    _assert_bound(stats[0], estats[0], mean_bound, f"TF32 mean {case}")
+    _assert_bound(stats[1], estats[1], m2_bound, f"TF32 M2 {case}")
+    own = stats_of(d64(z))  # the reduction alone, against the returned z
+    assert ((d64(stats[1]) - own[1]).abs() / own[1].clamp_min(1e-30)).max().item() <= 2e-5
+
+
+@pytest.mark.filterwarnings("ignore:FUSED_RESNET_CUDA_CONV=igemm")
+def test_tf32_flag_governs_float32():
+    """float32 runs igemm only under the cuDNN (convolution) TF32 flag; the matmul flag is not it."""
+    case = Conv(2, 64, 14, 14, 64)
+    x, w = conv_inputs(case, torch.float32)
+    scale, shift = vec(case.k), vec(case.k)
+    s, p, d, g = case.args
+
+    def run():
+        return FR.conv_bn_act(x, w, scale, shift, None, s, p, d, g, True, backend="cuda")
+
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, True
+        assert not _ran_igemm(run)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+        assert _ran_igemm(run)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 def test_igemm_kernel_really_runs(dtype):
     """The opt-in reaches the kernel (else every test above would only test cuDNN)."""
@@ -165,8 +354,8 @@ def test_default_is_cudnn(monkeypatch):
 
 
 FALLBACK = [
-    (Conv(2, 64, 14, 14, 64), torch.float32),           # float32: not an igemm dtype
-    (Conv(2, 128, 14, 14, 128, groups=32), torch.bfloat16),  # grouped
+    (Conv(2, 64, 14, 14, 64), torch.float32),           # float32 with TF32 off (the suite's default)
+    (Conv(2, 128, 14, 14, 128, groups=32), torch.bfloat16),  # grouped, C/groups = 4
     (Conv(2, 3, 32, 32, 64, r=7, stride=2, padding=3), torch.float16),  # C = 3
     (Conv(2, 64, 14, 14, 20), torch.float16),           # K % 8 != 0
 ]
