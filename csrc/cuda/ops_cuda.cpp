@@ -23,7 +23,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/Storage.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/accumulate.h>
@@ -35,8 +37,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <optional>
 #include <tuple>
+#include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "checks.h"
 #include "igemm.cuh"
@@ -123,6 +129,97 @@ bool aligned16(const at::Tensor& t) {
   return !t.defined() || (reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) & 15u) == 0;
 }
 
+// igemm's weight operand: the (K, R, S, C / groups)-dense weight, i.e. the weight in
+// channels_last. A channels_last-contiguous weight is used as it is; any other layout (the
+// usual NCHW-contiguous nn.Conv2d weight when the model was not converted) would be copied on
+// every call, so the copy is cached -- the C++ twin of the Triton pack cache
+// (fused_resnet/triton/_pack.py) and of csrc/cpu/onednn.cpp's cache:
+// * Key: the weight's storage (StorageImpl address, pinned by a weak reference so that it
+//   cannot be reused by another storage while the entry exists) and storage offset. An entry
+//   is served when all of these still match: storage alive, data pointer, sizes, strides,
+//   dtype, the version counter (bumped by every in-place write through the weight or a
+//   view / detach of it: optimizer steps, copy_, load_state_dict) and the current stream (the
+//   copy was enqueued on the entry's stream; another stream repacks rather than race it).
+//   Any mismatch copies afresh and replaces the entry: one entry per weight.
+// * Bypassed (copied per call, nothing stored): inference tensors (no version counter, so an
+//   in-place update could not be seen), and while the current stream is capturing a CUDA
+//   graph (a replay runs no host code: a cached copy would be replayed as a constant after an
+//   optimizer step updated the weight in place; copying inside the capture makes every replay
+//   re-copy the live weight). FUSED_RESNET_CUDA_WEIGHT_CACHE=0 (read per call) disables it.
+// * Not seen: writes through `weight.data` (a separate version counter), as for autograd.
+// * Memory: one copy per cached weight. Entries whose storage died are swept on every insert
+//   (a per-call temporary such as an autocast-cast weight leaves a dead entry until then);
+//   past kWeightCacheMax live entries the whole cache is dropped.
+// * Thread safety: one mutex around lookups and inserts; the copy runs outside it (two threads
+//   missing at once both copy, the last insert wins -- both results are correct).
+struct WeightEntry {
+  explicit WeightEntry(c10::weak_intrusive_ptr<c10::StorageImpl> s) : storage(std::move(s)) {}
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* data = nullptr;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype = at::kFloat;
+  uint32_t version = 0;
+  cudaStream_t stream = nullptr;
+  at::Tensor packed;
+};
+struct WeightKey {
+  const void* storage;
+  int64_t offset;
+  bool operator==(const WeightKey& o) const { return storage == o.storage && offset == o.offset; }
+};
+struct WeightKeyHash {
+  size_t operator()(const WeightKey& k) const {
+    return std::hash<const void*>()(k.storage) ^ (std::hash<int64_t>()(k.offset) * 0x9E3779B97F4A7C15ull);
+  }
+};
+constexpr size_t kWeightCacheMax = 512;  // > the convolutions of any torchvision ResNet/ResNeXt
+std::mutex weight_cache_mutex;
+std::unordered_map<WeightKey, WeightEntry, WeightKeyHash>& weight_cache() {
+  static auto* c = new std::unordered_map<WeightKey, WeightEntry, WeightKeyHash>();  // never destroyed
+  return *c;
+}
+
+bool weight_cache_enabled() {
+  const char* v = std::getenv("FUSED_RESNET_CUDA_WEIGHT_CACHE");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+at::Tensor igemm_weight(const at::Tensor& weight) {
+  if (weight.is_contiguous(kCL)) return weight;  // already (K, R, S, C / groups) dense
+  if (!weight_cache_enabled() || weight.is_inference() ||
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
+    return weight.contiguous(kCL);
+  const uint32_t version = static_cast<uint32_t>(weight._version());
+  const cudaStream_t stream = current_stream();
+  const WeightKey key{weight.storage().unsafeGetStorageImpl(), weight.storage_offset()};
+  {
+    std::lock_guard<std::mutex> lock(weight_cache_mutex);
+    auto it = weight_cache().find(key);
+    if (it != weight_cache().end()) {
+      const WeightEntry& e = it->second;
+      if (!e.storage.expired() && e.data == weight.const_data_ptr() && e.version == version &&
+          e.dtype == weight.scalar_type() && e.stream == stream &&
+          at::IntArrayRef(e.sizes) == weight.sizes() && at::IntArrayRef(e.strides) == weight.strides())
+        return e.packed;
+    }
+  }
+  WeightEntry e(weight.storage().getWeakStorageImpl());
+  e.data = weight.const_data_ptr();
+  e.sizes = weight.sizes().vec();
+  e.strides = weight.strides().vec();
+  e.dtype = weight.scalar_type();
+  e.version = version;
+  e.stream = stream;
+  e.packed = weight.contiguous(kCL);
+  at::Tensor packed = e.packed;
+  std::lock_guard<std::mutex> lock(weight_cache_mutex);
+  auto& c = weight_cache();
+  for (auto it = c.begin(); it != c.end();) it = it->second.storage.expired() ? c.erase(it) : std::next(it);
+  if (c.size() >= kWeightCacheMax) c.clear();
+  c.insert_or_assign(key, std::move(e));
+  return packed;
+}
+
 // Whether torch allows TF32 for a float32 convolution, read on every call (a per-call
 // decision, like cuDNN's). PyTorch's own convolutions consult the cuDNN flag
 // (torch.backends.cudnn.allow_tf32, in torch >= 2.9 also set through
@@ -182,7 +279,7 @@ std::optional<fk::IgemmConv> igemm_plan(const at::Tensor& xin, const at::Tensor&
     }
   }
   if (why == nullptr) {
-    wc = weight.contiguous(kCL);
+    wc = igemm_weight(weight);
     fk::IgemmConv c;
     c.x = xin.const_data_ptr();
     c.w = wc.const_data_ptr();

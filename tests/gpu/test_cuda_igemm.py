@@ -438,3 +438,65 @@ def test_cuda_graph_igemm(dtype):
         assert torch.equal(y, ey) and torch.equal(z, ez) and torch.equal(st, est)
         expected = ref.conv_bn_act(d64(x), d64(w), d64(scale), d64(shift), d64(res), *case.args, relu=True)
         assert_rule(y, expected, dtype, eager_conv_bn_act(x, w, scale, shift, res, case, True), "graph y")
+
+
+# ---- the cached channels_last weight (ops_cuda.cpp igemm_weight) -------------------------------
+def _nchw_weight_case(dtype=torch.bfloat16):
+    case = Conv(2, 64, 14, 14, 128)
+    x, w = conv_inputs(case, dtype)
+    w = w.contiguous()  # NCHW-contiguous, as an unconverted nn.Conv2d: igemm needs a (K, R, S, C) copy
+    assert not w.is_contiguous(memory_format=CL)
+    return case, x, w, vec(case.k, dtype, positive=True), vec(case.k, dtype)
+
+
+def test_weight_cache_hit_and_inplace_update(monkeypatch):
+    monkeypatch.delenv("FUSED_RESNET_CUDA_WEIGHT_CACHE", raising=False)
+    dtype = torch.bfloat16
+    case, x, w, scale, shift = _nchw_weight_case(dtype)
+    s, p, d, g = case.args
+    out = {}
+
+    def run():
+        out["y"] = FR.conv_bn_act(x, w, scale, shift, None, s, p, d, g, True, backend="cuda")
+
+    miss = _kernels(run)
+    hit = _kernels(run)
+    assert any("igemm_kernel" in n for n in hit)
+    assert len(hit) < len(miss), (miss, hit)  # the hit launches no weight copy
+    check_conv_bn_act(out["y"], x, w, scale, shift, None, case, dtype, True, "cached weight")
+    with torch.no_grad():
+        w.mul_(-0.5).add_(0.01)  # in place: bumps the version counter -> the cache must repack
+    again = _kernels(run)
+    assert len(again) == len(miss), (miss, again)
+    check_conv_bn_act(out["y"], x, w, scale, shift, None, case, dtype, True, "weight updated in place")
+
+
+def test_weight_cache_off_switch(monkeypatch):
+    monkeypatch.setenv("FUSED_RESNET_CUDA_WEIGHT_CACHE", "0")
+    case, x, w, scale, shift = _nchw_weight_case()
+    s, p, d, g = case.args
+
+    def run():
+        FR.conv_bn_act(x, w, scale, shift, None, s, p, d, g, True, backend="cuda")
+
+    first, second = _kernels(run), _kernels(run)
+    assert len(first) == len(second) and any("igemm_kernel" in n for n in second)
+
+
+def test_weight_cache_bypassed_under_graph_capture():
+    """A captured call copies the live weight on every replay: an in-place update is seen."""
+    dtype = torch.bfloat16
+    case, x, w, scale, shift = _nchw_weight_case(dtype)
+    s, p, d, g = case.args
+    ops = torch.ops.fused_resnet
+
+    def step():
+        return ops.conv_bn_act(x, w, scale, shift, None, s, p, d, g, True)
+
+    step()  # an eager call first: a cache entry exists before the capture
+    graph, y = capture(step)
+    with torch.no_grad():
+        w.copy_(rand(*w.shape, dtype=dtype, channels_last=False) * 0.05)
+    graph.replay()
+    torch.cuda.synchronize()
+    check_conv_bn_act(y, x, w, scale, shift, None, case, dtype, True, "graph replay after weight update")
