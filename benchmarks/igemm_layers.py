@@ -1,8 +1,15 @@
-"""igemm vs cuDNN per ResNet-50 layer shape (CUDA only).
+"""igemm vs cuDNN per ResNet-50 (or ResNeXt) layer shape (CUDA only).
 
-    python benchmarks/igemm_layers.py [--batch 256] [--dtype bfloat16] [--budget 60] [--json PATH]
+    python benchmarks/igemm_layers.py [--batch 256] [--dtype bfloat16|float16|float32]
+                                      [--model resnet50|resnext50_32x4d|resnext101_32x8d]
+                                      [--budget 60] [--json PATH]
 
-For every distinct convolution of torchvision's resnet50 at the given batch (224x224 input),
+``--dtype float32`` times the TF32 paths: it sets ``torch.backends.cudnn.allow_tf32 = True`` (the
+flag igemm's float32 path follows), so cuDNN runs TF32 too (a like-for-like comparison).
+``--model resnext*`` adds the grouped 3x3 layers (igemm runs them as one GEMM per group with a
+64-wide N tile however small K/groups is: see csrc/README.md "Groups").
+
+For every distinct convolution of the chosen torchvision model at the given batch (224x224 input),
 inference role (BN folded; shortcut add and ReLU where the layer has them), it times:
 
 * ``cudnn_conv``   -- F.conv2d alone on channels_last (the issue's throughput yardstick);
@@ -66,8 +73,11 @@ def _ran_igemm(fn) -> bool:
 
 
 def _supported(cs, dtype) -> bool:
-    return (dtype in (torch.float16, torch.bfloat16) and cs.groups == 1 and cs.c % 8 == 0
-            and cs.k % 8 == 0)
+    """igemm_supported's channel rule (ops_cuda.cpp): channels per group a multiple of the
+    16-byte vector (8 elements in 16-bit, 4 in float32 / TF32)."""
+    vec = 4 if dtype == torch.float32 else 8
+    return (dtype in (torch.float16, torch.bfloat16, torch.float32) and (cs.c // cs.groups) % vec == 0
+            and (cs.k // cs.groups) % vec == 0)
 
 
 def _measure_layer(cs, dtype, timer) -> dict:
@@ -117,7 +127,10 @@ def _measure_layer(cs, dtype, timer) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="float32 = TF32 on both paths (torch.backends.cudnn.allow_tf32 = True)")
+    ap.add_argument("--model", default="resnet50",
+                    choices=["resnet50", "resnext50_32x4d", "resnext101_32x8d"])
     ap.add_argument("--budget", type=float, default=60.0, help="seconds; layers after it are skipped")
     ap.add_argument("--json", default=None, help="also write the JSON record here")
     args = ap.parse_args(argv)
@@ -132,16 +145,18 @@ def main(argv=None) -> int:
     from fused_resnet.bench.shapes import conv_shapes
 
     dtype = getattr(torch, args.dtype)
+    if dtype == torch.float32:
+        torch.backends.cudnn.allow_tf32 = True
     timer = _timer()
     t0 = time.monotonic()
-    shapes = conv_shapes(torchvision.models.resnet50(), args.batch, 224)
+    shapes = conv_shapes(getattr(torchvision.models, args.model)(), args.batch, 224)
     rows = []
     old_env = os.environ.get(ENV)
     torch.manual_seed(0)
     try:
         for cs in shapes:
             row = {"layer": cs.name, "n": cs.n, "c": cs.c, "h": cs.h, "w": cs.w, "k": cs.k, "r": cs.r,
-                   "s": cs.s, "stride": cs.stride, "padding": cs.padding, "residual": cs.residual,
+                   "s": cs.s, "groups": cs.groups, "stride": cs.stride, "padding": cs.padding, "residual": cs.residual,
                    "relu": cs.relu, "count": cs.count, "igemm_supported": _supported(cs, dtype)}
             rows.append(row)
             if time.monotonic() - t0 > args.budget:
@@ -161,11 +176,13 @@ def main(argv=None) -> int:
 
     hdr = (f"{'layer':<22}{'shape (c>k rxs /s @hw)':<26}{'cudnn conv':>11}{'+eager bn':>11}"
            f"{'fused cudnn':>12}{'fused igemm':>12}{'igemm TF/s':>11}{'vs conv':>8}{'rel diff':>10}  ran")
-    print(f"igemm vs cuDNN, {dtype}, batch {args.batch}, times in ms "
+    print(f"igemm vs cuDNN, {args.model}, {dtype}{' (TF32)' if dtype == torch.float32 else ''}, "
+          f"batch {args.batch}, times in ms "
           f"({torch.cuda.get_device_name(0)})")
     print(hdr)
     for r in rows:
-        shape = f"{r['c']}>{r['k']} {r['r']}x{r['s']} /{r['stride']} @{r['h']}"
+        shape = f"{r['c']}>{r['k']} {r['r']}x{r['s']} /{r['stride']} @{r['h']}" + (
+            f" g{r['groups']}" if r["groups"] > 1 else "")
         if "fused_igemm_ms" not in r:
             print(f"{r['layer']:<22}{shape:<26}  {r.get('note', '')}")
             continue
@@ -173,7 +190,8 @@ def main(argv=None) -> int:
               f"{r['fused_cudnn_ms']:>12.3f}{r['fused_igemm_ms']:>12.3f}{r['igemm_tflops']:>11.1f}"
               f"{r['cudnn_conv_ms'] / r['fused_igemm_ms']:>8.2f}{r['rel_diff']:>10.1e}  "
               f"{'yes' if r['igemm_ran'] else 'NO (fallback)'}")
-    record = {"env": collect_env(), "dtype": str(dtype), "batch": args.batch, "rows": rows}
+    record = {"env": collect_env(), "model": args.model, "dtype": str(dtype),
+              "tf32": dtype == torch.float32, "batch": args.batch, "rows": rows}
     print("IGEMM_JSON " + json.dumps(record))
     if args.json:
         with open(args.json, "w") as f:
