@@ -452,16 +452,7 @@ __global__ void __launch_bounds__(Tile<BN>::kWarpsM* Tile<BN>::kWarpsN * 32, 1)
           const double d = Bits<T>::to_float(cs[r * kCStride + tid]) - mean;
           m2 += d * d;
         }
-        if (st_cnt == 0.0) {
-          st_cnt = rows;
-          st_mean = mean;
-          st_m2 = m2;
-        } else {
-          const double cnt = st_cnt + rows, delta = mean - st_mean;
-          st_mean += delta * (rows / cnt);
-          st_m2 += m2 + delta * delta * (st_cnt * rows / cnt);
-          st_cnt = cnt;
-        }
+        igemm::stats_merge(&st_cnt, &st_mean, &st_m2, rows, mean, m2);
       }
     }
     if (kPasses > 1) __syncthreads();  // the tile is rewritten by the next pass

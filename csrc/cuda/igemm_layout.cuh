@@ -202,6 +202,23 @@ FR_HD int out_col(int idx, int bn, int vec = kVec) { return (idx % (bn / vec)) *
 // [p * kBM / 2, (p + 1) * kBM / 2) stage their accumulators (warp_row0 / (kBM / passes) == p).
 FR_HD constexpr int epi_passes(int bytes) { return bytes == 4 ? 2 : 1; }
 
+// conv_stats' per-chunk statistics over several epilogue passes: (cnt, mean, m2) accumulates
+// one pass's two-pass (rows, mean_b, m2_b) by Chan's formula, in pass order (deterministic).
+// The first pass (cnt == 0) is taken as it is, so one pass gives the plain two-pass result.
+FR_HD void stats_merge(double* cnt, double* mean, double* m2, double rows, double mean_b,
+                       double m2_b) {
+  if (*cnt == 0.0) {
+    *cnt = rows;
+    *mean = mean_b;
+    *m2 = m2_b;
+    return;
+  }
+  const double n = *cnt + rows, delta = mean_b - *mean;
+  *mean += delta * (rows / n);
+  *m2 += m2_b + delta * delta * (*cnt * rows / n);
+  *cnt = n;
+}
+
 }  // namespace igemm
 }  // namespace cuda
 }  // namespace fused_resnet

@@ -311,6 +311,29 @@ def test_conv_stats_tf32(case, tf32_on):
     assert ((d64(stats[1]) - own[1]).abs() / own[1].clamp_min(1e-30)).max().item() <= 2e-5
 
 
+def _tf32_round_nearest_away(t):
+    """float32 -> TF32 (10 explicit mantissa bits) rounded to nearest, ties away from zero, by bit
+    arithmetic on the magnitude (what cvt.rna.tf32.f32 is documented to do); finite inputs."""
+    b = t.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = (b + 0x1000) & ~0x1FFF
+    return torch.where(b >= 2**31, b - 2**32, b).to(torch.int32).view(torch.float32)
+
+
+def test_tf32_operands_rounded_not_truncated(tf32_on):
+    """With an identity 1x1 weight (exact in TF32) each output is one x value as the mma saw it:
+    it must equal x rounded to nearest TF32 -- a truncating kernel differs on ~half the values."""
+    case = Conv(2, 8, 6, 6, 8, r=1, padding=0)
+    x = rand(case.n, case.c, case.h, case.w, dtype=torch.float32)
+    w = torch.eye(8, device=DEV).view(8, 8, 1, 1).contiguous(memory_format=CL)
+    one, zero = torch.ones(8, device=DEV), torch.zeros(8, device=DEV)
+    s, p, d, g = case.args
+    y = _run_igemm(lambda: FR.conv_bn_act(x, w, one, zero, None, s, p, d, g, False, backend="cuda"))
+    expected = _tf32_round_nearest_away(x)
+    truncated = (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+    assert not torch.equal(expected, truncated)  # the input does tell the two apart
+    assert torch.equal(y, expected.contiguous(memory_format=CL))
+
+
 @pytest.mark.filterwarnings("ignore:FUSED_RESNET_CUDA_CONV=igemm")
 def test_tf32_flag_governs_float32():
     """float32 runs igemm only under the cuDNN (convolution) TF32 flag; the matmul flag is not it."""

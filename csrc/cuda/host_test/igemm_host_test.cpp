@@ -14,6 +14,7 @@
 //   * the emulated GEMM output equals a naive direct convolution exactly (small integers);
 //   * 64-bit offsets for a tensor with more than 2^31 elements.
 // Prints "OK <n> checks" and exits 0, or prints the first mismatch and exits 1.
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -446,10 +447,44 @@ void check_64bit() {
   CHECK(!ig::a_row(g, g.rows()).valid, "row M is out of range");
 }
 
+// conv_stats' chunk statistics: the f32 kernel's two 64-row passes merged by stats_merge must
+// equal the two-pass statistics of the whole 128-row chunk (what the 16-bit kernel computes),
+// for every chunk height 1..128 (partial last chunks), including |mean| >> std.
+void check_stats_merge() {
+  std::srand(99);
+  for (int rows = 1; rows <= ig::kBM; ++rows)
+    for (double offset : {0.0, 1e4}) {
+      std::vector<double> z(rows);
+      for (auto& v : z) v = offset + static_cast<double>(std::rand() % 2001 - 1000) / 37.0;
+      auto two_pass = [&](int r0, int r1, double* mean, double* m2) {
+        double s = 0.0;
+        for (int r = r0; r < r1; ++r) s += z[r];
+        *mean = s / (r1 - r0);
+        *m2 = 0.0;
+        for (int r = r0; r < r1; ++r) *m2 += (z[r] - *mean) * (z[r] - *mean);
+      };
+      double mean_all, m2_all;
+      two_pass(0, rows, &mean_all, &m2_all);
+      double cnt = 0.0, mean = 0.0, m2 = 0.0;
+      const int half = ig::kBM / ig::epi_passes(4);
+      for (int pass = 0; pass < ig::epi_passes(4); ++pass) {  // as the kernel: skip empty passes
+        const int r0 = pass * half, r1 = rows < r0 + half ? rows : r0 + half;
+        if (r1 <= r0) continue;
+        double mb, m2b;
+        two_pass(r0, r1, &mb, &m2b);
+        ig::stats_merge(&cnt, &mean, &m2, r1 - r0, mb, m2b);
+      }
+      CHECK(cnt == rows, "merged count %g != %d", cnt, rows);
+      CHECK(std::fabs(mean - mean_all) <= 1e-12 * std::fabs(mean_all) + 1e-12, "mean rows=%d", rows);
+      CHECK(std::fabs(m2 - m2_all) <= 1e-9 * m2_all + 1e-12, "M2 rows=%d: %.17g vs %.17g", rows, m2, m2_all);
+    }
+}
+
 }  // namespace
 
 int main() {
   check_64bit();
+  check_stats_merge();
   // n, c, h, w, k, r, s, sh, sw, ph, pw, dh, dw[, groups]
   const Case small_k[] = {
       {2, 16, 9, 9, 24, 3, 3, 1, 1, 1, 1, 1, 1},   // C < kBK: k-tiles span taps; K=24 partial tile
