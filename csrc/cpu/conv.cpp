@@ -86,7 +86,7 @@ void prologue_impl(const at::Tensor& x, const at::opmath_type<scalar_t>* in_scal
 
 at::Tensor prologue(const at::Tensor& x, const c10::optional<at::Tensor>& in_scale,
                     const c10::optional<at::Tensor>& in_shift, bool relu) {
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor out = pooled_empty(x.sizes(), x.options(), at::MemoryFormat::ChannelsLast);
   const int64_t c = x.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_stats_prologue", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -232,7 +232,8 @@ at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   at::Tensor r;
   if (residual.has_value() && residual->defined()) r = channels_last_input(*residual);
   // float32: one oneDNN call with the epilogue fused as post-ops (onednn.cpp).
-  at::Tensor fast = conv_bn_act_onednn(xin, weight, scale, shift, r, stride, padding, dilation, groups, relu);
+  at::Tensor fast = conv_bn_act_onednn(xin, weight, scale, shift, r, stride, padding, dilation, groups, relu,
+                                       geo.out_shape);
   if (fast.defined()) {
     TORCH_INTERNAL_ASSERT(fast.sizes() == at::IntArrayRef(geo.out_shape), "oneDNN convolution returned shape ",
                           fast.sizes(), ", expected ", at::IntArrayRef(geo.out_shape));
