@@ -154,7 +154,7 @@ def test_autograd_through_pooled_output():
         t.grad = None
     xd, wd, rd = (t.detach().double().requires_grad_(True) for t in (x, w, r))
     ref.conv_bn_act(xd, wd, s.double(), b.double(), rd, **_pairs(BIG)).square().sum().backward()
-    for g, gd in zip(grads, (xd.grad, wd.grad, rd.grad)):
+    for g, gd in zip(grads, (xd.grad, wd.grad, rd.grad), strict=True):
         assert_matches(g, gd, torch.float32)
 
 
