@@ -30,7 +30,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
-#include <torch/version.h>
 
 #include <algorithm>
 #include <array>
@@ -39,7 +38,9 @@
 #include <cstring>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -225,15 +226,29 @@ at::Tensor igemm_weight(const at::Tensor& weight) {
 // (torch.backends.cudnn.allow_tf32, in torch >= 2.9 also set through
 // torch.backends.cudnn.conv.fp32_precision = "tf32"), not torch.backends.cuda.matmul.allow_tf32
 // (cuBLAS matmuls only); igemm follows the same flag so that FUSED_RESNET_CUDA_CONV=igemm never
-// changes the precision a float32 model gets. The conv-specific query avoids the legacy
-// no-argument form, which throws when the conv and RNN flags were set differently.
-bool tf32_conv_allowed() {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
-  return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
-#else
-  return at::globalContext().allowTF32CuDNN("conv");
-#endif
+// changes the precision a float32 model gets. The conv-specific query is used where torch has
+// one (the no-argument form throws when the conv and RNN flags were set differently). Its
+// signature changed across torch versions -- allowTF32CuDNN(std::optional<at::Float32Op>),
+// allowTF32CuDNN(const std::string&), allowTF32CuDNN() -- so the parameter type is read off the
+// member function instead of guessing from version numbers.
+template <typename R, typename C, typename A>
+A tf32_query_arg(R (C::*)(A) const);
+template <typename R, typename C>
+void tf32_query_arg(R (C::*)() const);
+
+template <typename Ctx>
+bool tf32_conv_allowed_in(const Ctx& ctx) {
+  using A = std::decay_t<decltype(tf32_query_arg(&Ctx::allowTF32CuDNN))>;
+  if constexpr (std::is_void_v<A>) {
+    return ctx.allowTF32CuDNN();
+  } else if constexpr (std::is_same_v<A, std::string>) {
+    return ctx.allowTF32CuDNN(std::string("conv"));
+  } else {  // std::optional<at::Float32Op>
+    return ctx.allowTF32CuDNN(A::value_type::CONV);
+  }
 }
+
+bool tf32_conv_allowed() { return tf32_conv_allowed_in(at::globalContext()); }
 
 // The igemm description of conv(xin, w) when the kernel can run it, else nullopt (cuDNN).
 // xin must be channels_last-contiguous; `wc` receives the (K, R, S, C / groups)-dense weight.
