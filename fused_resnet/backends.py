@@ -29,13 +29,14 @@ our kernels; it makes the convolutions called through PyTorch (cuDNN's backward)
 Triton conv outputs are reproducible for a given tuned config; a config chosen by timing may differ
 between machines or cache states, and its tile size sets the summation order.
 
-CPU output pool: the ``cpu`` backend's large outputs (>= 1 MiB) come from a bounded pool of buffers
-that were already faulted in (``csrc/cpu/pool.cpp`` documents it): fresh multi-megabyte
-allocations are returned to the kernel by glibc and faulted back in on every forward, which costs
-5-10 % of a CPU ResNet-50 forward. ``FUSED_RESNET_CPU_POOL=0`` turns it off (read per call),
-``FUSED_RESNET_CPU_POOL_MB`` bounds the idle bytes (default 1024); :func:`cpu_pool_stats` and
-:func:`empty_cpu_pool` inspect and free it. Tensors from the pool are ordinary CPU tensors except
-that their storage cannot grow (``resize_`` to a larger size raises).
+CPU output pool: the ``cpu`` backend's training kernels (``bn_add_act``, its backward,
+``stats_backward``, the ``conv_stats`` prologue) take outputs of 1 MiB or more from a bounded pool of
+buffers that were already faulted in (``csrc/cpu/pool.cpp`` documents it and the measurement): fresh
+multi-megabyte allocations are handed back to the kernel by glibc and faulted in again every step.
+``FUSED_RESNET_CPU_POOL=0`` turns it off (read per call), ``FUSED_RESNET_CPU_POOL_MB`` bounds the idle
+bytes (default 1024); :func:`cpu_pool_stats` and :func:`empty_cpu_pool` inspect and free it. Tensors
+from the pool are ordinary CPU tensors except that their storage cannot grow (``resize_`` to a larger
+size raises). Convolution outputs are not pooled (oneDNN allocates them).
 """
 
 from __future__ import annotations

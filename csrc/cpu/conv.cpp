@@ -232,8 +232,7 @@ at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   at::Tensor r;
   if (residual.has_value() && residual->defined()) r = channels_last_input(*residual);
   // float32: one oneDNN call with the epilogue fused as post-ops (onednn.cpp).
-  at::Tensor fast = conv_bn_act_onednn(xin, weight, scale, shift, r, stride, padding, dilation, groups, relu,
-                                       geo.out_shape);
+  at::Tensor fast = conv_bn_act_onednn(xin, weight, scale, shift, r, stride, padding, dilation, groups, relu);
   if (fast.defined()) {
     TORCH_INTERNAL_ASSERT(fast.sizes() == at::IntArrayRef(geo.out_shape), "oneDNN convolution returned shape ",
                           fast.sizes(), ", expected ", at::IntArrayRef(geo.out_shape));

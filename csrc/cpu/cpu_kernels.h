@@ -121,15 +121,13 @@ void affine_add_act(const at::Tensor& out, const at::Tensor& z, const at::Tensor
 // FUSED_RESNET_CPU_ONEDNN=0); the caller then runs the unfused path.
 at::Tensor conv_bn_act_onednn(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                               const at::Tensor& shift, const at::Tensor& residual, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
-                              at::IntArrayRef out_shape);
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu);
 
 // An uninitialized tensor of `sizes` with `format`'s canonical strides (ChannelsLast or
 // Contiguous), taken from the pool of already-faulted-in buffers (pool.cpp) when it is at least
-// pool_min_bytes() and the pool is on (FUSED_RESNET_CPU_POOL != 0), else from at::empty.
+// 1 MiB and the pool is on (FUSED_RESNET_CPU_POOL != 0), else from at::empty. For outputs the
+// kernel overwrites entirely (the contents are whatever an earlier tensor left).
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format);
-// True when pooled_empty would serve a tensor of this many bytes from the pool.
-bool pool_serves(size_t bytes);
 
 }  // namespace cpu
 }  // namespace fused_resnet

@@ -51,7 +51,6 @@
 #include <ATen/core/stack.h>
 #include <ATen/ops/mul.h>
 #include <c10/core/Storage.h>
-#include <c10/util/accumulate.h>
 #include <c10/util/intrusive_ptr.h>
 
 #include <atomic>
@@ -74,7 +73,6 @@ struct OneDnnOps {
   c10::OperatorHandle pointwise;  // mkldnn::_convolution_pointwise
   c10::OperatorHandle binary;     // mkldnn::_convolution_pointwise.binary
   c10::OperatorHandle reorder;    // mkldnn::_reorder_convolution_weight
-  std::optional<c10::OperatorHandle> inplace;  // mkldnn::_convolution_pointwise_.binary, if present
 };
 
 // The three oneDNN ops, looked up once; nullptr when this torch build lacks any of them.
@@ -90,9 +88,7 @@ const OneDnnOps* onednn_ops() {
         !c->hasKernelForDispatchKey(cpu)) {
       return std::nullopt;
     }
-    auto i = d.findSchema({"mkldnn::_convolution_pointwise_", "binary"});
-    if (i && !i->hasKernelForDispatchKey(cpu)) i = std::nullopt;
-    return OneDnnOps{*a, *b, *c, i};
+    return OneDnnOps{*a, *b, *c};
   }();
   return ops ? &*ops : nullptr;
 }
@@ -226,8 +222,7 @@ at::Tensor packed_weight(const OneDnnOps& ops, const at::Tensor& x, const at::Te
 
 at::Tensor conv_bn_act_onednn(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                               const at::Tensor& shift, const at::Tensor& residual, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
-                              at::IntArrayRef out_shape) {
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
   if (x.scalar_type() != at::kFloat || x.numel() == 0 || weight.numel() == 0 || disabled_by_env()) {
     return {};
   }
@@ -250,36 +245,6 @@ at::Tensor conv_bn_act_onednn(const at::Tensor& x, const at::Tensor& weight, con
     const at::Tensor w = weight.is_inference()
                              ? fold(weight, scale)
                              : packed_weight(*ops, x, weight, scale, stride, padding, dilation, groups);
-    // Large outputs: written in place into a pooled, already-faulted buffer (pool.cpp) by the
-    // in-place overload, whose "sum" post-op adds the buffer's contents -- so the buffer first
-    // holds the residual (a copy) or zeros. Measured on ResNet-50 (benchmarks/NOTES.md): the
-    // extra pass costs less than the page faults of a fresh output.
-    const size_t out_bytes = static_cast<size_t>(c10::multiply_integers(out_shape)) * sizeof(float);
-    if (ops->inplace && pool_serves(out_bytes)) {
-      at::Tensor out = pooled_empty(out_shape, x.options(), at::MemoryFormat::ChannelsLast);
-      if (residual.defined()) {
-        out.copy_(residual);
-      } else {
-        out.zero_();
-      }
-      torch::jit::Stack stack;
-      stack.reserve(13);
-      stack.emplace_back(out);
-      stack.emplace_back(x);
-      stack.emplace_back(w);
-      stack.emplace_back(shift.contiguous());
-      stack.emplace_back(vec(padding));
-      stack.emplace_back(vec(stride));
-      stack.emplace_back(vec(dilation));
-      stack.emplace_back(groups);
-      stack.emplace_back(std::string("add"));
-      stack.emplace_back(c10::IValue());  // alpha (1)
-      stack.emplace_back(relu ? c10::IValue(std::string("relu")) : c10::IValue());
-      stack.emplace_back(c10::List<std::optional<at::Scalar>>());
-      stack.emplace_back(c10::IValue());
-      ops->inplace->callBoxed(&stack);
-      return out;
-    }
     torch::jit::Stack stack;
     stack.reserve(13);
     stack.emplace_back(x);

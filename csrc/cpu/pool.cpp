@@ -1,19 +1,23 @@
 // A small pool of already-faulted-in buffers for the CPU kernels' large outputs.
 //
-// Why: a fused CPU forward is dominated by oneDNN convolutions whose outputs are fresh
-// multi-megabyte allocations. glibc returns freed memory of that size to the kernel (mmap
-// threshold, heap trim), so every forward faults its outputs back in, page by page, inside the
-// convolution's first write: ~12-18k minor faults per ResNet-50 forward at batch 8, 5-10 % of
-// its time on 2 cores (benchmarks/NOTES.md, "Where torch.compile's margin is"). torch.compile
-// avoids this by planning its buffers; a library cannot change its host's allocator
-// (mallopt / a process-wide CPU allocator would), so the kernels allocate their own outputs here.
+// Why: the CPU training kernels (bn_add_act, bn_add_act_backward, stats_backward, the conv_stats
+// prologue) write multi-megabyte outputs. glibc hands freed memory of that size back to the
+// kernel (mmap threshold, heap trim), so every step faults those outputs in again, page by page,
+// inside our kernels' first write. Measured (benchmarks/NOTES.md, "The pooled output path"):
+// ResNet-50 training step, batch 4, 2 threads, one model per process: 2-9 % faster in each of 4
+// process pairs, ~20-30k fewer minor faults per step. A library cannot change its host's allocator
+// (mallopt / a process-wide CPU allocator would), so these kernels take their outputs from here.
+// Not pooled: convolution outputs, which oneDNN / ATen allocate themselves (torch offers no
+// out= oneDNN convolution; the in-place overload over a zeroed or residual-filled pooled buffer
+// was measured and did not pay: the extra pass costs what the faults cost).
 //
 // What it is:
 // * Only tensors of at least kMinBytes (1 MiB) come from the pool; smaller ones use at::empty
 //   (glibc keeps those, and the pool's bookkeeping would cost more than it saves).
 // * A freed tensor's buffer returns to the pool through its DataPtr's deleter and is handed out
 //   again for a later request of exactly the same byte size (ResNet shapes repeat, so exact
-//   matching suffices and never wastes memory on a larger buffer).
+//   matching suffices and never wastes memory on a larger buffer). Pooled outputs must be
+//   written entirely by their kernel: a recycled buffer holds an earlier tensor's values.
 // * Bounded: at most FUSED_RESNET_CPU_POOL_MB MiB (default 1024) of idle buffers, at most
 //   kMaxIdle of them; past either bound the least recently returned buffers are freed. Memory in
 //   use by live tensors is not counted or limited (it belongs to the tensors).
@@ -22,10 +26,9 @@
 // * FUSED_RESNET_CPU_POOL=0 (read per call) turns it off: outputs come from at::empty as before.
 // * Thread safe: one mutex around the idle list; the deleter may run on any thread. The pool
 //   object is never destroyed, so tensors freed during interpreter shutdown are safe.
-// * The tensors are ordinary CPU tensors (any op, autograd, torch.save, numpy, DLPack work) except
-//   that their storage is not resizable: `out.resize_()` to a larger size raises PyTorch's
-//   "Trying to resize storage that is not resizable" (ops that take out= resize only when the
-//   shape differs; give them a tensor of the right shape or a fresh one).
+// * The tensors are ordinary CPU tensors (any op, autograd, torch.save, numpy, share_memory_
+//   work) except that their storage is not resizable: `out.resize_()` to a larger size raises
+//   PyTorch's "Trying to resize storage that is not resizable".
 // * Memory comes from c10::alloc_cpu (the same 64-byte aligned allocation torch uses).
 #include <Python.h>
 
@@ -156,9 +159,9 @@ bool pool_enabled() {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
-}  // namespace
-
 bool pool_serves(size_t bytes) { return bytes >= kMinBytes && pool_enabled(); }
+
+}  // namespace
 
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
   TORCH_INTERNAL_ASSERT(options.device().is_cpu());
