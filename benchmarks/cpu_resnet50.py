@@ -7,7 +7,6 @@ channels_last. Run from the repository root::
     python benchmarks/cpu_resnet50.py                 # torchvision vs fused
     python benchmarks/cpu_resnet50.py --compile       # + torch.compile(freezing=True), slow to build
     python benchmarks/cpu_resnet50.py --unfused       # + the cpu backend without its oneDNN fast path
-    python benchmarks/cpu_resnet50.py --nopool        # + the cpu backend without its output pool
     python benchmarks/cpu_resnet50.py --floors        # per-conv FLOP / byte floors, then exit
     python benchmarks/cpu_resnet50.py --train         # training step instead (batch 4 by default)
 
@@ -192,8 +191,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also torch.compile with inductor freezing")
-    ap.add_argument("--nopool", action="store_true",
-                    help="also the cpu backend with FUSED_RESNET_CPU_POOL=0 (fresh output allocations)")
     ap.add_argument("--unfused", action="store_true",
                     help="also the cpu backend with FUSED_RESNET_CPU_ONEDNN=0 (ATen conv + separate epilogue)")
     ap.add_argument("--floors", action="store_true", help="print per-conv FLOP/byte floors and exit")
@@ -225,8 +222,6 @@ def main() -> None:
 
     x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     variants = {"torchvision_cl": tv, "fused_cpu": FusedResNet(tv, "cpu")}
-    if args.nopool:
-        variants["fused_cpu_nopool"] = FusedResNet(tv, "cpu", {"FUSED_RESNET_CPU_POOL": "0"})
     if args.unfused:
         variants["fused_cpu_unfused"] = FusedResNet(tv, "cpu", {"FUSED_RESNET_CPU_ONEDNN": "0"})
     if args.compile:

@@ -81,22 +81,7 @@ PyObject* build_info(PyObject*, PyObject*) {
   return info;
 }
 
-}  // namespace
-
-namespace fused_resnet {
-namespace cpu {  // csrc/cpu/pool.cpp
-PyObject* cpu_pool_stats_py(PyObject*, PyObject*);
-PyObject* cpu_pool_empty_py(PyObject*, PyObject*);
-}  // namespace cpu
-}  // namespace fused_resnet
-
-namespace {
-
 PyMethodDef methods[] = {
-    {"cpu_pool_stats", fused_resnet::cpu::cpu_pool_stats_py, METH_NOARGS,
-     "dict: the CPU output-buffer pool's idle bytes/buffers, limit, hits, misses, evictions, enabled."},
-    {"cpu_pool_empty", fused_resnet::cpu::cpu_pool_empty_py, METH_NOARGS,
-     "Frees every idle buffer of the CPU output-buffer pool; returns the bytes freed."},
     {"build_info", build_info, METH_NOARGS,
      "dict: torch version _C was compiled against, whether CUDA kernels are in it, and their archs."},
     {nullptr, nullptr, 0, nullptr}};

@@ -28,15 +28,6 @@ independent of the thread count). ``torch.use_deterministic_algorithms(True)`` c
 our kernels; it makes the convolutions called through PyTorch (cuDNN's backward) deterministic.
 Triton conv outputs are reproducible for a given tuned config; a config chosen by timing may differ
 between machines or cache states, and its tile size sets the summation order.
-
-CPU output pool: the ``cpu`` backend's training kernels (``bn_add_act``, its backward,
-``stats_backward``, the ``conv_stats`` prologue) take outputs of 1 MiB or more from a bounded pool of
-buffers that were already faulted in (``csrc/cpu/pool.cpp`` documents it and the measurement): fresh
-multi-megabyte allocations are handed back to the kernel by glibc and faulted in again every step.
-``FUSED_RESNET_CPU_POOL=0`` turns it off (read per call), ``FUSED_RESNET_CPU_POOL_MB`` bounds the idle
-bytes (default 1024); :func:`cpu_pool_stats` and :func:`empty_cpu_pool` inspect and free it. Tensors
-from the pool are ordinary CPU tensors except that their storage cannot grow (``resize_`` to a larger
-size raises). Convolution outputs are not pooled (oneDNN allocates them).
 """
 
 from __future__ import annotations
@@ -197,19 +188,3 @@ def usable_backends(device: torch.device | str, dtype: torch.dtype = torch.float
     """``{backend: None or reason it cannot run}`` for ``op`` on this device/dtype."""
     device = torch.device(device)
     return {b: unsupported_reason(b, device, dtype, op) for b in BACKENDS}
-
-
-def cpu_pool_stats() -> dict:
-    """Counters of the CPU output pool (see the module docstring): ``idle_bytes``, ``idle_buffers``,
-    ``limit_bytes``, ``hits``, ``misses``, ``evictions``, ``enabled``; ``{"enabled": False}`` without ``_C``."""
-    if _ext._C is None or not hasattr(_ext._C, "cpu_pool_stats"):
-        return {"enabled": False}
-    return _ext._C.cpu_pool_stats()
-
-
-def empty_cpu_pool() -> int:
-    """Frees every idle buffer of the CPU output pool (buffers of live tensors stay theirs); returns the
-    bytes freed. Like ``torch.cuda.empty_cache``: it never changes a result, only memory held."""
-    if _ext._C is None or not hasattr(_ext._C, "cpu_pool_empty"):
-        return 0
-    return int(_ext._C.cpu_pool_empty())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -173,3 +174,22 @@ def _seed():
 
 
 __all__ = ["fused_resnet"]
+
+
+def run_in_threads(work, n: int) -> list[str]:
+    """Runs ``work(i)`` for ``i`` in ``range(n)`` in ``n`` threads at once; returns ``repr`` of every
+    exception they raised (empty when all succeeded)."""
+    errors: list[str] = []
+
+    def guarded(i):
+        try:
+            work(i)
+        except Exception as exc:  # noqa: BLE001 - collected for the caller's assert
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

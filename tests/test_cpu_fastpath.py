@@ -10,11 +10,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
-from conftest import ODD_CASES, RESNET_CASES, ConvCase, assert_matches, conv_inputs, f64, rand, requires_c, vec
+from conftest import (
+    ODD_CASES,
+    RESNET_CASES,
+    ConvCase,
+    assert_matches,
+    conv_inputs,
+    f64,
+    rand,
+    requires_c,
+    run_in_threads,
+    vec,
+)
 
 from fused_resnet import functional as FF
 from fused_resnet import reference as ref
@@ -185,21 +195,12 @@ def test_autograd_through_fast_path():
 def test_threads_share_the_cache():
     cases = [ConvCase(2, 16, 8, 8, 16 + 8 * i) for i in range(4)]
     inputs = [conv_inputs(c, residual=True) for c in cases]
-    errors = []
-
     def work(i):
-        try:
-            for _ in range(5):
-                x, w, s, b, r = inputs[i]
-                assert_matches(_call(x, w, s, b, r, cases[i]), _expected(x, w, s, b, r, cases[i]), torch.float32)
-        except AssertionError as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for _ in range(5):
+            x, w, s, b, r = inputs[i]
+            assert_matches(_call(x, w, s, b, r, cases[i]), _expected(x, w, s, b, r, cases[i]), torch.float32)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(work, 4)
     assert not errors, errors
 
 

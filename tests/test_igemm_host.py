@@ -9,8 +9,8 @@ own address / swizzle / fragment functions (``csrc/cuda/igemm_layout.cuh``), emu
 (b16, also on f32 rows) and mma.m16n8k16 / m16n8k8 .tf32 from the PTX ISA's definitions, and
 checks the fragments, bank-conflict freedom and the result against a naive (grouped)
 convolution; and the Chan merge of the float32 epilogue's two 64-row statistics passes against
-the two-pass statistics of the whole chunk for every chunk height. Here it is compiled with the host C++ compiler (or the CUDA toolkit's nvcc as
-a host compiler) and run.
+the two-pass statistics of the whole chunk for every chunk height. Here it is compiled with the
+host C++ compiler (or the CUDA toolkit's nvcc as a host compiler) and run.
 """
 
 from __future__ import annotations

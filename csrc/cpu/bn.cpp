@@ -178,7 +178,7 @@ at::Tensor bn_add_act_cpu(const at::Tensor& z, const at::Tensor& scale, const at
   const at::Tensor zc = channels_last_input(z);
   at::Tensor r = undefined_if_none(residual);
   if (r.defined()) r = channels_last_input(r);
-  at::Tensor out = pooled_empty(z.sizes(), z.options(), at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::ChannelsLast));
   // Without a residual, res_scale/res_shift have nothing to apply to (as in reference.py).
   affine_add_act(out, zc, scale, shift, r, r.defined() ? undefined_if_none(res_scale) : at::Tensor(),
                  r.defined() ? undefined_if_none(res_shift) : at::Tensor(), relu);
@@ -372,10 +372,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_ac
   if (has_res) r = channels_last_input(r);
 
   const auto vec_opts = scale.options();
-  at::Tensor grad_z = pooled_empty(z.sizes(), z.options(), cl);
+  at::Tensor grad_z = at::empty(z.sizes(), z.options().memory_format(cl));
   at::Tensor grad_scale = at::empty({k}, vec_opts);
   at::Tensor grad_shift = at::empty({k}, vec_opts);
-  at::Tensor grad_res = has_res ? pooled_empty(z.sizes(), z.options(), cl)
+  at::Tensor grad_res = has_res ? at::empty(z.sizes(), z.options().memory_format(cl))
                                 : at::empty({0}, z.options());
   std::vector<double> sum_gz(k), sum_g(k), sum_gr(has_res ? k : 0);
 
@@ -489,7 +489,7 @@ at::Tensor stats_backward_cpu(const at::Tensor& grad_z, const at::Tensor& grad_s
 
   const at::Tensor zc = channels_last_input(z);
   const at::Tensor gzc = channels_last_input(grad_z);
-  at::Tensor out = pooled_empty(z.sizes(), z.options(), at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t m = k == 0 ? 0 : z.numel() / k;
   if (m == 0) return out;
   const at::Tensor st = stats.contiguous(), gst = grad_stats.contiguous();

@@ -86,7 +86,7 @@ void prologue_impl(const at::Tensor& x, const at::opmath_type<scalar_t>* in_scal
 
 at::Tensor prologue(const at::Tensor& x, const c10::optional<at::Tensor>& in_scale,
                     const c10::optional<at::Tensor>& in_shift, bool relu) {
-  at::Tensor out = pooled_empty(x.sizes(), x.options(), at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t c = x.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_stats_prologue", [&] {
     using acc_t = at::opmath_type<scalar_t>;

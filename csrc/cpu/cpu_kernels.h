@@ -123,11 +123,5 @@ at::Tensor conv_bn_act_onednn(const at::Tensor& x, const at::Tensor& weight, con
                               const at::Tensor& shift, const at::Tensor& residual, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu);
 
-// An uninitialized tensor of `sizes` with `format`'s canonical strides (ChannelsLast or
-// Contiguous), taken from the pool of already-faulted-in buffers (pool.cpp) when it is at least
-// 1 MiB and the pool is on (FUSED_RESNET_CPU_POOL != 0), else from at::empty. For outputs the
-// kernel overwrites entirely (the contents are whatever an earlier tensor left).
-at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format);
-
 }  // namespace cpu
 }  // namespace fused_resnet

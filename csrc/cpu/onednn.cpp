@@ -44,6 +44,7 @@
 #include <Python.h>
 
 #include "cpu_kernels.h"
+#include "storage_key.h"
 
 #include <ATen/Context.h>
 #include <ATen/core/List.h>
@@ -142,16 +143,8 @@ struct Entry {
   at::Tensor packed;
 };
 
-struct Key {
-  const void* storage;
-  int64_t offset;
-  bool operator==(const Key& o) const { return storage == o.storage && offset == o.offset; }
-};
-struct KeyHash {
-  size_t operator()(const Key& k) const {
-    return std::hash<const void*>()(k.storage) ^ (std::hash<int64_t>()(k.offset) * 0x9E3779B97F4A7C15ull);
-  }
-};
+using Key = StorageKey;
+using KeyHash = StorageKeyHash;
 
 std::mutex cache_mutex;
 std::unordered_map<Key, Entry, KeyHash>& cache() {
@@ -181,7 +174,7 @@ at::Tensor packed_weight(const OneDnnOps& ops, const at::Tensor& x, const at::Te
   const std::vector<int64_t> geometry{stride[0], stride[1], padding[0], padding[1],
                                       dilation[0], dilation[1], groups};
   const uint32_t version = static_cast<uint32_t>(weight._version());
-  const Key key{weight.storage().unsafeGetStorageImpl(), weight.storage_offset()};
+  const Key key = Key::of(weight);
   {
     std::lock_guard<std::mutex> lock(cache_mutex);
     auto it = cache().find(key);

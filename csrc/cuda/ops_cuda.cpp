@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "storage_key.h"
 #include "igemm.cuh"
 #include "kernels.cuh"
 
@@ -163,16 +164,8 @@ struct WeightEntry {
   cudaStream_t stream = nullptr;
   at::Tensor packed;
 };
-struct WeightKey {
-  const void* storage;
-  int64_t offset;
-  bool operator==(const WeightKey& o) const { return storage == o.storage && offset == o.offset; }
-};
-struct WeightKeyHash {
-  size_t operator()(const WeightKey& k) const {
-    return std::hash<const void*>()(k.storage) ^ (std::hash<int64_t>()(k.offset) * 0x9E3779B97F4A7C15ull);
-  }
-};
+using WeightKey = StorageKey;
+using WeightKeyHash = StorageKeyHash;
 constexpr size_t kWeightCacheMax = 512;  // > the convolutions of any torchvision ResNet/ResNeXt
 std::mutex weight_cache_mutex;
 std::unordered_map<WeightKey, WeightEntry, WeightKeyHash>& weight_cache() {
@@ -192,7 +185,7 @@ at::Tensor igemm_weight(const at::Tensor& weight) {
     return weight.contiguous(kCL);
   const uint32_t version = static_cast<uint32_t>(weight._version());
   const cudaStream_t stream = current_stream();
-  const WeightKey key{weight.storage().unsafeGetStorageImpl(), weight.storage_offset()};
+  const WeightKey key = WeightKey::of(weight);
   {
     std::lock_guard<std::mutex> lock(weight_cache_mutex);
     auto it = weight_cache().find(key);
