@@ -193,3 +193,43 @@ def run_in_threads(work, n: int) -> list[str]:
     for t in threads:
         t.join()
     return errors
+
+
+def conv_config_strategy(*, groups=(1, 1, 1, 2, 3, 4), max_per_group=None, max_channels=None,
+                         kernels=((1, 1), (3, 3), (7, 7)), max_stride=2, max_padding=2, max_dilation=2,
+                         extra_hw=None, max_hw=None, max_n=3):
+    """A hypothesis strategy of valid convolution configs for the property-based suites: dicts with
+    ``n, c, h, w, k, r, s`` and ``stride, padding, dilation`` as (h, w) pairs, and ``groups``.
+
+    ``groups`` is drawn from ``groups``; channels per group from 1 to ``max_per_group`` (or to
+    ``max_channels // groups``); ``(r, s)`` from ``kernels``; each stride / padding / dilation
+    component independently up to its maximum; the input is at least as large as gives a 1 x 1
+    output, and at most ``extra_hw`` larger than that (or at most ``max_hw``). Each suite picks
+    ranges its backend can afford (the Triton interpreter is slow: small sizes)."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def configs(draw):
+        g = draw(st.sampled_from(list(groups)))
+        per_group = max_per_group if max_per_group is not None else max(1, max_channels // g)
+        c = g * draw(st.integers(1, per_group))
+        k = g * draw(st.integers(1, per_group))
+        r, s = draw(st.sampled_from(list(kernels)))
+        stride = (draw(st.integers(1, max_stride)), draw(st.integers(1, max_stride)))
+        padding = (draw(st.integers(0, max_padding)), draw(st.integers(0, max_padding)))
+        dilation = (draw(st.integers(1, max_dilation)), draw(st.integers(1, max_dilation)))
+        sizes = []
+        for kk, p, d in ((r, padding[0], dilation[0]), (s, padding[1], dilation[1])):
+            lo = max(1, d * (kk - 1) + 1 - 2 * p)  # the smallest input with a 1 x 1 output
+            sizes.append(draw(st.integers(lo, lo + extra_hw if extra_hw is not None else max(lo, max_hw))))
+        return dict(n=draw(st.integers(1, max_n)), c=c, h=sizes[0], w=sizes[1], k=k, r=r, s=s, stride=stride,
+                    padding=padding, dilation=dilation, groups=g)
+
+    return configs()
+
+
+def conv_out_hw(cfg: dict) -> tuple[int, int]:
+    """Output (P, Q) of a ``conv_config_strategy`` config."""
+    return tuple((size + 2 * p - d * (kk - 1) - 1) // stp + 1 for size, p, d, kk, stp in
+                 zip((cfg["h"], cfg["w"]), cfg["padding"], cfg["dilation"], (cfg["r"], cfg["s"]), cfg["stride"],
+                     strict=True))

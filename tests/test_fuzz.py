@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import CL, assert_matches, f64, requires_c
+from conftest import CL, assert_matches, conv_config_strategy, conv_out_hw, f64, requires_c
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,30 +30,9 @@ SETTINGS = settings(
 )
 
 
-@st.composite
-def conv_configs(draw):
-    """A valid conv: groups divide C and K, the output is at least 1x1."""
-    groups = draw(st.sampled_from([1, 1, 1, 2, 3, 4]))
-    c = groups * draw(st.integers(1, 6))
-    k = groups * draw(st.integers(1, 6))
-    r, s = draw(st.sampled_from([(1, 1), (3, 3), (3, 3), (7, 7), (1, 3), (3, 1)]))
-    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    padding = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
-    # smallest input that still gives a 1x1 output
-    h_min = max(1, dilation[0] * (r - 1) + 1 - 2 * padding[0])
-    w_min = max(1, dilation[1] * (s - 1) + 1 - 2 * padding[1])
-    h = draw(st.integers(h_min, h_min + 9))
-    w = draw(st.integers(w_min, w_min + 9))
-    n = draw(st.integers(1, 3))
-    return dict(n=n, c=c, h=h, w=w, k=k, r=r, s=s, stride=stride, padding=padding, dilation=dilation,
-                groups=groups)
-
-
-def _out_hw(cfg):
-    p = (cfg["h"] + 2 * cfg["padding"][0] - cfg["dilation"][0] * (cfg["r"] - 1) - 1) // cfg["stride"][0] + 1
-    q = (cfg["w"] + 2 * cfg["padding"][1] - cfg["dilation"][1] * (cfg["s"] - 1) - 1) // cfg["stride"][1] + 1
-    return p, q
+# CPU ranges: up to 6 channels per group, kernels up to 7x7 (rectangular too), stride 3, padding 3.
+CONV_CONFIGS = conv_config_strategy(max_per_group=6, kernels=((1, 1), (3, 3), (3, 3), (7, 7), (1, 3), (3, 1)),
+                                    max_stride=3, max_padding=3, extra_hw=9)
 
 
 def _act(shape, dtype, layout, gen, scale=1.0):
@@ -85,7 +64,7 @@ LAYOUTS = st.sampled_from(["channels_last", "channels_last", "contiguous", "stri
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @SETTINGS
-@given(cfg=conv_configs(), dtype=st.sampled_from(DTYPES), layout=LAYOUTS, residual=st.booleans(),
+@given(cfg=CONV_CONFIGS, dtype=st.sampled_from(DTYPES), layout=LAYOUTS, residual=st.booleans(),
        relu=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_conv_bn_act_matches_reference(backend, cfg, dtype, layout, residual, relu, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -94,11 +73,11 @@ def test_conv_bn_act_matches_reference(backend, cfg, dtype, layout, residual, re
     w = (torch.randn(cfg["k"], cfg["c"] // cfg["groups"], cfg["r"], cfg["s"], dtype=torch.float64, generator=gen)
          * (2.0 / fan_in) ** 0.5).to(dtype)
     scale, shift = _vec(cfg["k"], dtype, gen, positive=True), _vec(cfg["k"], dtype, gen)
-    res = _act((cfg["n"], cfg["k"], *_out_hw(cfg)), dtype, layout, gen) if residual else None
+    res = _act((cfg["n"], cfg["k"], *conv_out_hw(cfg)), dtype, layout, gen) if residual else None
 
     y = FF.conv_bn_act(x, w, scale, shift, res, relu=relu, backend=backend, **_conv_kwargs(cfg))
 
-    assert y.shape == (cfg["n"], cfg["k"], *_out_hw(cfg)) and y.dtype == dtype
+    assert y.shape == (cfg["n"], cfg["k"], *conv_out_hw(cfg)) and y.dtype == dtype
     assert y.is_contiguous(memory_format=CL)
     expected = ref.conv_bn_act(f64(x), f64(w), f64(scale), f64(shift), f64(res), relu=relu, **_conv_kwargs(cfg))
     lowp = None
@@ -109,7 +88,7 @@ def test_conv_bn_act_matches_reference(backend, cfg, dtype, layout, residual, re
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @SETTINGS
-@given(cfg=conv_configs(), dtype=st.sampled_from(DTYPES), layout=LAYOUTS,
+@given(cfg=CONV_CONFIGS, dtype=st.sampled_from(DTYPES), layout=LAYOUTS,
        prologue=st.sampled_from(["none", "bn", "bn_relu", "relu"]), offset=st.sampled_from([0.0, 50.0]),
        seed=st.integers(0, 2**31 - 1))
 def test_conv_stats_matches_reference(backend, cfg, dtype, layout, prologue, offset, seed):
@@ -160,7 +139,7 @@ def test_bn_add_act_matches_reference(backend, n, k, hw, dtype, layout, shortcut
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(SETTINGS, max_examples=max(10, SETTINGS.max_examples // 2))
-@given(cfg=conv_configs(), residual=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@given(cfg=CONV_CONFIGS, residual=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_conv_bn_act_gradients_match_reference(backend, cfg, residual, relu, seed):
     """float64 gradients of x, weight, scale, shift and residual through the backend's autograd."""
     gen = torch.Generator().manual_seed(seed)
@@ -170,9 +149,9 @@ def test_conv_bn_act_gradients_match_reference(backend, cfg, residual, relu, see
     w.requires_grad_()
     scale = _vec(cfg["k"], dt, gen, positive=True).requires_grad_()
     shift = _vec(cfg["k"], dt, gen).requires_grad_()
-    res = _act((cfg["n"], cfg["k"], *_out_hw(cfg)), dt, "channels_last", gen).requires_grad_() if residual else None
+    res = _act((cfg["n"], cfg["k"], *conv_out_hw(cfg)), dt, "channels_last", gen).requires_grad_() if residual else None
     inputs = [t for t in (x, w, scale, shift, res) if t is not None]
-    grad_out = torch.randn(cfg["n"], cfg["k"], *_out_hw(cfg), dtype=dt, generator=gen)
+    grad_out = torch.randn(cfg["n"], cfg["k"], *conv_out_hw(cfg), dtype=dt, generator=gen)
 
     y = FF.conv_bn_act(x, w, scale, shift, res, relu=relu, backend=backend, **_conv_kwargs(cfg))
     got = torch.autograd.grad(y, inputs, grad_out)

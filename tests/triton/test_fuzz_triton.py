@@ -16,7 +16,7 @@ require_interpreter()
 import os  # noqa: E402
 
 import torch  # noqa: E402
-from conftest import CL, assert_matches, f64  # noqa: E402
+from conftest import CL, assert_matches, conv_config_strategy, conv_out_hw, f64  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -33,29 +33,9 @@ SETTINGS = settings(
 )
 
 
-@st.composite
-def conv_configs(draw):
-    """A valid conv within the brief's ranges: groups divide C and K, the output is at least 1x1."""
-    groups = draw(st.sampled_from([1, 1, 1, 2, 3, 4]))
-    c = groups * draw(st.integers(1, 24 // groups))
-    k = groups * draw(st.integers(1, 24 // groups))
-    r = draw(st.sampled_from([1, 3, 5]))
-    s = draw(st.sampled_from([1, 3, 5]))
-    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    # smallest input with a 1x1 output (at most 2 * 4 + 1 = 9, so always within 1..9)
-    h = draw(st.integers(max(1, dilation[0] * (r - 1) + 1 - 2 * padding[0]), 9))
-    w = draw(st.integers(max(1, dilation[1] * (s - 1) + 1 - 2 * padding[1]), 9))
-    n = draw(st.integers(1, 3))
-    return dict(n=n, c=c, h=h, w=w, k=k, r=r, s=s, stride=stride, padding=padding, dilation=dilation,
-                groups=groups)
-
-
-def _out_hw(cfg):
-    return tuple((size + 2 * p - d * (kk - 1) - 1) // st_ + 1 for size, p, d, kk, st_ in
-                 zip((cfg["h"], cfg["w"]), cfg["padding"], cfg["dilation"], (cfg["r"], cfg["s"]), cfg["stride"],
-                     strict=True))
+# Interpreter-sized ranges: at most 24 channels, kernels 1/3/5 in each direction, sizes <= 9.
+CONV_CONFIGS = conv_config_strategy(max_channels=24, kernels=[(r, s) for r in (1, 3, 5) for s in (1, 3, 5)],
+                                    max_stride=2, max_padding=2, max_hw=9)
 
 
 def _kw(cfg):
@@ -84,20 +64,20 @@ def _ran_on_triton(log, op):
 
 
 @SETTINGS
-@given(cfg=conv_configs(), dtype=st.sampled_from([torch.float32, torch.float16]), residual=st.booleans(),
+@given(cfg=CONV_CONFIGS, dtype=st.sampled_from([torch.float32, torch.float16]), residual=st.booleans(),
        relu=st.booleans(), channels_last=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_conv_bn_act_triton_matches_reference(cfg, dtype, residual, relu, channels_last, seed):
     gen = torch.Generator().manual_seed(seed)
     x = _act((cfg["n"], cfg["c"], cfg["h"], cfg["w"]), dtype, gen, channels_last)
     w = _weight(cfg, dtype, gen)
     scale, shift = _vec(cfg["k"], gen, positive=True), _vec(cfg["k"], gen)
-    res = _act((cfg["n"], cfg["k"], *_out_hw(cfg)), dtype, gen, True) if residual else None
+    res = _act((cfg["n"], cfg["k"], *conv_out_hw(cfg)), dtype, gen, True) if residual else None
 
     with backends.trace() as log:
         y = FF.conv_bn_act(x, w, scale, shift, res, relu=relu, backend="triton", **_kw(cfg))
     _ran_on_triton(log, "conv_bn_act")
 
-    assert y.shape == (cfg["n"], cfg["k"], *_out_hw(cfg)) and y.dtype == dtype
+    assert y.shape == (cfg["n"], cfg["k"], *conv_out_hw(cfg)) and y.dtype == dtype
     assert y.is_contiguous(memory_format=CL)
     expected = ref.conv_bn_act(f64(x), f64(w), f64(scale), f64(shift), f64(res), relu=relu, **_kw(cfg))
     lowp = ref.conv_bn_act(x, w, scale, shift, res, relu=relu, **_kw(cfg)) if dtype == torch.float16 else None
@@ -105,7 +85,7 @@ def test_conv_bn_act_triton_matches_reference(cfg, dtype, residual, relu, channe
 
 
 @SETTINGS
-@given(cfg=conv_configs(), dtype=st.sampled_from([torch.float32, torch.float16]),
+@given(cfg=CONV_CONFIGS, dtype=st.sampled_from([torch.float32, torch.float16]),
        prologue=st.sampled_from(["none", "bn", "bn_relu", "relu"]), offset=st.sampled_from([0.0, 30.0]),
        seed=st.integers(0, 2**31 - 1))
 def test_conv_stats_triton_matches_reference(cfg, dtype, prologue, offset, seed):
