@@ -40,25 +40,47 @@ at::Tensor canonical_channels_last(const at::Tensor& t) {
 
 namespace {
 
-// A (K,) vector's data in the accumulation type, or `fill` repeated when absent.
-template <typename acc_t>
-const acc_t* vector_or(const at::Tensor& v, std::vector<acc_t>& storage, int64_t k, acc_t fill,
-                       at::Tensor& keep) {
-  if (v.defined()) {
-    keep = v.contiguous();
-    return keep.const_data_ptr<acc_t>();
-  }
-  storage.assign(k, fill);
-  return storage.data();
-}
-
 // ---------------------------------------------------------------------------------------------
-// bn_add_act / conv_bn_act epilogue
+// The BN epilogue act(z * scale + shift (+ residual * res_scale + res_shift)): its operands and
+// its pre-activation, shared by the forward (affine_rows) and the backward (bn_backward_rows), so
+// the backward's ReLU mask is computed from exactly the forward's value.
 
+// The four (K,) vectors in the accumulation type, contiguous; res_scale / res_shift absent
+// (undefined) read as 1 / 0. Owns whatever copies that takes, so keep it alive while the
+// pointers are used.
+template <typename acc_t>
+struct BnVectors {
+  BnVectors(const at::Tensor& scale_t, const at::Tensor& shift_t, const at::Tensor& res_scale_t,
+            const at::Tensor& res_shift_t, int64_t k)
+      : s_(scale_t.contiguous()), b_(shift_t.contiguous()) {
+    scale = s_.const_data_ptr<acc_t>();
+    shift = b_.const_data_ptr<acc_t>();
+    res_scale = or_fill(res_scale_t, rs_, ones_, k, acc_t(1));
+    res_shift = or_fill(res_shift_t, rb_, zeros_, k, acc_t(0));
+  }
+  const acc_t* scale;
+  const acc_t* shift;
+  const acc_t* res_scale;
+  const acc_t* res_shift;
+
+ private:
+  static const acc_t* or_fill(const at::Tensor& v, at::Tensor& keep, std::vector<acc_t>& storage, int64_t k,
+                              acc_t fill) {
+    if (v.defined()) {
+      keep = v.contiguous();
+      return keep.const_data_ptr<acc_t>();
+    }
+    storage.assign(k, fill);
+    return storage.data();
+  }
+  at::Tensor s_, b_, rs_, rb_;
+  std::vector<acc_t> ones_, zeros_;
+};
+
+// Rows of z (and residual) are k channels_last-contiguous values.
 template <typename scalar_t>
-struct AffineArgs {
+struct BnOperands {
   using acc_t = at::opmath_type<scalar_t>;
-  scalar_t* out;
   const scalar_t* z;
   const scalar_t* res;  // nullptr: no residual
   const acc_t* scale;
@@ -69,34 +91,62 @@ struct AffineArgs {
   bool relu;
 };
 
+template <typename scalar_t>
+BnOperands<scalar_t> bn_operands(const scalar_t* z, const scalar_t* res,
+                                 const BnVectors<at::opmath_type<scalar_t>>& v, int64_t k, bool relu) {
+  return {z, res, v.scale, v.shift, v.res_scale, v.res_shift, k, relu};
+}
+
+// The pre-activation of channel c, with the reference's association: (z*s + b) + (r*rs + rb).
+template <typename acc_t>
+FUSED_RESNET_ALWAYS_INLINE acc_t bn_pre(acc_t z, const acc_t* __restrict scale, const acc_t* __restrict shift,
+                                        int64_t c) {
+  return z * scale[c] + shift[c];
+}
+template <typename acc_t>
+FUSED_RESNET_ALWAYS_INLINE acc_t bn_pre(acc_t z, acc_t r, const acc_t* __restrict scale,
+                                        const acc_t* __restrict shift, const acc_t* __restrict res_scale,
+                                        const acc_t* __restrict res_shift, int64_t c) {
+  return z * scale[c] + shift[c] + (r * res_scale[c] + res_shift[c]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_add_act / conv_bn_act epilogue
+
+template <typename scalar_t>
+struct AffineArgs {
+  BnOperands<scalar_t> in;
+  scalar_t* out;
+};
+
 // Rows [r0, r1) of out = act(z * scale + shift (+ residual * res_scale + res_shift)).
 template <typename scalar_t>
 FUSED_RESNET_ALWAYS_INLINE void affine_rows(const AffineArgs<scalar_t>& a, int64_t r0, int64_t r1) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t zero(0);
-  const int64_t k = a.k;
-  const bool relu = a.relu;
-  const acc_t* scale = a.scale;
-  const acc_t* shift = a.shift;
-  const acc_t* res_scale = a.res_scale;
-  const acc_t* res_shift = a.res_shift;
+  const BnOperands<scalar_t>& in = a.in;
+  const int64_t k = in.k;
+  const bool relu = in.relu;
+  const acc_t* scale = in.scale;
+  const acc_t* shift = in.shift;
+  const acc_t* res_scale = in.res_scale;
+  const acc_t* res_shift = in.res_shift;
   for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* zr = a.z + r * k;
+    const scalar_t* zr = in.z + r * k;
     scalar_t* o = a.out + r * k;  // may equal zr: each element is read before it is written
-    if (a.res != nullptr) {
-      const scalar_t* rr = a.res + r * k;
+    if (in.res != nullptr) {
+      const scalar_t* rr = in.res + r * k;
       FUSED_RESNET_IVDEP
       for (int64_t c = 0; c < k; ++c) {
-        // Same association as the reference: (z*s + b) + (r*rs + rb).
-        acc_t v = static_cast<acc_t>(zr[c]) * scale[c] + shift[c] +
-                  (static_cast<acc_t>(rr[c]) * res_scale[c] + res_shift[c]);
+        const acc_t v = bn_pre(static_cast<acc_t>(zr[c]), static_cast<acc_t>(rr[c]), scale, shift, res_scale,
+                               res_shift, c);
         // std::max(v, 0) keeps NaN, as torch.relu does; the invariant select vectorizes.
         o[c] = round_to<scalar_t>(relu ? std::max(v, zero) : v);
       }
     } else {
       FUSED_RESNET_IVDEP
       for (int64_t c = 0; c < k; ++c) {
-        acc_t v = static_cast<acc_t>(zr[c]) * scale[c] + shift[c];
+        const acc_t v = bn_pre(static_cast<acc_t>(zr[c]), scale, shift, c);
         o[c] = round_to<scalar_t>(relu ? std::max(v, zero) : v);
       }
     }
@@ -114,15 +164,9 @@ void affine_rows_base(const AffineArgs<scalar_t>& a, int64_t r0, int64_t r1) {
 }
 
 template <typename scalar_t>
-void affine_add_act_impl(scalar_t* out, const scalar_t* z, const scalar_t* res,
-                         const at::opmath_type<scalar_t>* scale,
-                         const at::opmath_type<scalar_t>* shift,
-                         const at::opmath_type<scalar_t>* res_scale,
-                         const at::opmath_type<scalar_t>* res_shift, int64_t m, int64_t k,
-                         bool relu) {
-  const AffineArgs<scalar_t> a{out, z, res, scale, shift, res_scale, res_shift, k, relu};
+void affine_add_act_impl(const AffineArgs<scalar_t>& a, int64_t m) {
   const auto rows = cpu_has_avx2() ? &affine_rows_avx2<scalar_t> : &affine_rows_base<scalar_t>;
-  at::parallel_for(0, m, row_grain(k), [&](int64_t r0, int64_t r1) { rows(a, r0, r1); });
+  at::parallel_for(0, m, row_grain(a.in.k), [&](int64_t r0, int64_t r1) { rows(a, r0, r1); });
 }
 
 }  // namespace
@@ -134,15 +178,12 @@ void affine_add_act(const at::Tensor& out, const at::Tensor& z, const at::Tensor
   const int64_t m = k == 0 ? 0 : z.numel() / k;
   if (m == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "affine_add_act", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor s = scale.contiguous(), b = shift.contiguous(), keep_rs, keep_rb;
-    std::vector<acc_t> ones, zeros;
-    const acc_t* rs = vector_or<acc_t>(res_scale, ones, k, acc_t(1), keep_rs);
-    const acc_t* rb = vector_or<acc_t>(res_shift, zeros, k, acc_t(0), keep_rb);
-    affine_add_act_impl<scalar_t>(out.mutable_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
-                                  residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
-                                  s.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), rs, rb, m,
-                                  k, relu);
+    const BnVectors<at::opmath_type<scalar_t>> v(scale, shift, res_scale, res_shift, k);
+    const AffineArgs<scalar_t> a{
+        bn_operands(z.const_data_ptr<scalar_t>(),
+                    residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr, v, k, relu),
+        out.mutable_data_ptr<scalar_t>()};
+    affine_add_act_impl<scalar_t>(a, m);
   });
 }
 
@@ -202,22 +243,12 @@ constexpr int64_t kSumRows = 16;
 
 template <typename scalar_t>
 struct BnBackwardArgs {
-  using acc_t = at::opmath_type<scalar_t>;
+  BnOperands<scalar_t> in;
   const scalar_t* go;
-  const scalar_t* z;
-  const scalar_t* res;  // nullptr: no residual
-  const acc_t* scale;
-  const acc_t* shift;
-  const acc_t* res_scale;
-  const acc_t* res_shift;
-  bool relu;
-  int64_t k;
   scalar_t* grad_z;
-  scalar_t* grad_res;
+  scalar_t* grad_res;  // nullptr: no residual
 };
 
-// Rows [r0, r1) of one chunk: writes grad_z (and grad_res), adds the chunk's sums into
-// p_gz/p_g/p_gr (float64, zeroed by the caller). f: 3*k scratch values of acc_t.
 // Rows [r0, r1) of one chunk: writes grad_z (and grad_res), adds the chunk's sums into
 // p_gz/p_g/p_gr (float64, zeroed by the caller). f: 3*k float64 block sums; gb: k values of
 // acc_t holding the current row's masked gradient g.
@@ -227,13 +258,14 @@ FUSED_RESNET_ALWAYS_INLINE void bn_backward_rows(const BnBackwardArgs<scalar_t>&
                                                  double* __restrict p_gz, double* __restrict p_g,
                                                  double* __restrict p_gr) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t k = a.k;
+  const BnOperands<scalar_t>& in = a.in;
+  const int64_t k = in.k;
   const acc_t zero(0);
-  const acc_t* __restrict scale = a.scale;
-  const acc_t* __restrict shift = a.shift;
-  const acc_t* __restrict res_scale = a.res_scale;
-  const acc_t* __restrict res_shift = a.res_shift;
-  const bool relu = a.relu;
+  const acc_t* __restrict scale = in.scale;
+  const acc_t* __restrict shift = in.shift;
+  const acc_t* __restrict res_scale = in.res_scale;
+  const acc_t* __restrict res_shift = in.res_shift;
+  const bool relu = in.relu;
   acc_t* __restrict g_row = gb;
   double* __restrict f_gz = f;
   double* __restrict f_g = f + k;
@@ -244,17 +276,17 @@ FUSED_RESNET_ALWAYS_INLINE void bn_backward_rows(const BnBackwardArgs<scalar_t>&
     for (int64_t r = b0; r < b1; ++r) {
       const int64_t off = r * k;
       const scalar_t* __restrict gor = a.go + off;
-      const scalar_t* __restrict zr = a.z + off;
+      const scalar_t* __restrict zr = in.z + off;
       scalar_t* __restrict gzr = a.grad_z + off;
       // Elementwise part, in acc_t.
       if constexpr (kRes) {
-        const scalar_t* __restrict rr = a.res + off;
+        const scalar_t* __restrict rr = in.res + off;
         scalar_t* __restrict grr = a.grad_res + off;
         FUSED_RESNET_IVDEP
         for (int64_t c = 0; c < k; ++c) {
           const acc_t zv = static_cast<acc_t>(zr[c]);
           const acc_t rv = static_cast<acc_t>(rr[c]);
-          const acc_t pre = zv * scale[c] + shift[c] + (rv * res_scale[c] + res_shift[c]);
+          const acc_t pre = bn_pre(zv, rv, scale, shift, res_scale, res_shift, c);
           const acc_t gv = static_cast<acc_t>(gor[c]);  // loaded unconditionally: if-convertible
           const acc_t g = (!relu || pre > zero) ? gv : zero;
           g_row[c] = g;
@@ -265,7 +297,7 @@ FUSED_RESNET_ALWAYS_INLINE void bn_backward_rows(const BnBackwardArgs<scalar_t>&
         FUSED_RESNET_IVDEP
         for (int64_t c = 0; c < k; ++c) {
           const acc_t zv = static_cast<acc_t>(zr[c]);
-          const acc_t pre = zv * scale[c] + shift[c];
+          const acc_t pre = bn_pre(zv, scale, shift, c);
           const acc_t gv = static_cast<acc_t>(gor[c]);
           const acc_t g = (!relu || pre > zero) ? gv : zero;
           g_row[c] = g;
@@ -280,7 +312,7 @@ FUSED_RESNET_ALWAYS_INLINE void bn_backward_rows(const BnBackwardArgs<scalar_t>&
         f_g[c] += g;
       }
       if constexpr (kRes) {
-        const scalar_t* __restrict rr = a.res + off;
+        const scalar_t* __restrict rr = in.res + off;
         FUSED_RESNET_IVDEP
         for (int64_t c = 0; c < k; ++c) {
           f_gr[c] += static_cast<double>(g_row[c]) * static_cast<double>(static_cast<acc_t>(rr[c]));
@@ -316,8 +348,8 @@ template <typename scalar_t>
 void bn_add_act_backward_impl(const BnBackwardArgs<scalar_t>& a, int64_t m, double* sum_gz, double* sum_g,
                               double* sum_gr) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t k = a.k;
-  const bool has_res = a.res != nullptr;
+  const int64_t k = a.in.k;
+  const bool has_res = a.in.res != nullptr;
   const int64_t nchunks = (m + kChunkRows - 1) / kChunkRows;
   const int64_t nsums = has_res ? 3 : 2;
   auto rows = has_res ? (cpu_has_avx2() ? &bn_backward_rows_avx2<scalar_t, true> : &bn_backward_rows_base<scalar_t, true>)
@@ -381,23 +413,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_ac
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_add_act_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor s = scale.contiguous(), b = shift.contiguous(), keep_rs, keep_rb;
-    std::vector<acc_t> ones, zeros;
-    const acc_t* rs = vector_or<acc_t>(has_res ? undefined_if_none(res_scale) : at::Tensor(), ones,
-                                       k, acc_t(1), keep_rs);
-    const acc_t* rb = vector_or<acc_t>(has_res ? undefined_if_none(res_shift) : at::Tensor(), zeros,
-                                       k, acc_t(0), keep_rb);
-    const BnBackwardArgs<scalar_t> args{goc.const_data_ptr<scalar_t>(),
-                                        zc.const_data_ptr<scalar_t>(),
-                                        has_res ? r.const_data_ptr<scalar_t>() : nullptr,
-                                        s.const_data_ptr<acc_t>(),
-                                        b.const_data_ptr<acc_t>(),
-                                        rs,
-                                        rb,
-                                        relu,
-                                        k,
-                                        grad_z.mutable_data_ptr<scalar_t>(),
-                                        has_res ? grad_res.mutable_data_ptr<scalar_t>() : nullptr};
+    const BnVectors<acc_t> v(scale, shift, has_res ? undefined_if_none(res_scale) : at::Tensor(),
+                             has_res ? undefined_if_none(res_shift) : at::Tensor(), k);
+    const BnBackwardArgs<scalar_t> args{
+        bn_operands(zc.const_data_ptr<scalar_t>(), has_res ? r.const_data_ptr<scalar_t>() : nullptr, v, k, relu),
+        goc.const_data_ptr<scalar_t>(), grad_z.mutable_data_ptr<scalar_t>(),
+        has_res ? grad_res.mutable_data_ptr<scalar_t>() : nullptr};
     bn_add_act_backward_impl<scalar_t>(args, m, sum_gz.data(), sum_g.data(), has_res ? sum_gr.data() : nullptr);
     acc_t* gs = grad_scale.mutable_data_ptr<acc_t>();
     acc_t* gb = grad_shift.mutable_data_ptr<acc_t>();
