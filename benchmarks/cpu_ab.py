@@ -11,7 +11,7 @@ iterations after a warm-up::
 
 A = the current environment, B = the current environment plus ``--env``. ``eval``: the fused
 ResNet-50 of ``cpu_resnet50.py`` (batch 8 by default); ``train``: ``fused_resnet.models.resnet50``
-training steps (batch 4). Prints each pair, the median of the per-process medians and in how
+with the same weights, training steps (batch 4). Prints each pair, the median of the per-process medians and in how
 many pairs B was faster, plus minor page faults per iteration.
 """
 
@@ -30,16 +30,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def worker(args) -> None:
     import torch
-    import torchvision
 
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from cpu_resnet50 import FusedResNet, resnet50_eval_cl
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    tv = resnet50_eval_cl()
     if args.mode == "eval":
-        from cpu_resnet50 import FusedResNet
-
-        tv = torchvision.models.resnet50().eval().to(memory_format=torch.channels_last)
         model = FusedResNet(tv)
         x = torch.randn(args.batch or 8, 3, 224, 224).contiguous(memory_format=torch.channels_last)
 
@@ -49,7 +48,9 @@ def worker(args) -> None:
     else:
         import fused_resnet.models
 
-        model = fused_resnet.models.resnet50().train().to(memory_format=torch.channels_last)
+        model = fused_resnet.models.resnet50()
+        model.load_state_dict(tv.state_dict())
+        model = model.to(memory_format=torch.channels_last).train()
         x = torch.randn(args.batch or 4, 3, 224, 224).contiguous(memory_format=torch.channels_last)
 
         def step():

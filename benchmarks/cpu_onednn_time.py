@@ -31,25 +31,16 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    import torchvision
 
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from cpu_resnet50 import FusedResNet, compile_freezing, resnet50_eval_cl
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    tv = torchvision.models.resnet50().eval().to(memory_format=torch.channels_last)
+    tv = resnet50_eval_cl()
     x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    if args.variant == "fused":
-        from cpu_resnet50 import FusedResNet
-
-        model = FusedResNet(tv)
-    elif args.variant == "compile":
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True
-        model = torch.compile(tv)
-    else:
-        model = tv
+    model = {"fused": FusedResNet, "compile": compile_freezing}.get(args.variant, lambda m: m)(tv)
     with torch.no_grad():
         for _ in range(4):
             model(x)

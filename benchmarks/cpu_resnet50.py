@@ -170,6 +170,13 @@ def train_main(args, tv: torchvision.models.ResNet) -> None:
         m.zero_grad(set_to_none=True)
         m(x).sum().backward()
 
+    times, cpu = _time_interleaved(variants, step, args)
+    _report(times, cpu, "torchvision_cl", args, "training step (forward + backward)")
+
+
+def _time_interleaved(variants: dict, step, args) -> tuple[dict, dict]:
+    """``args.warmup`` rounds, then ``args.repeats`` rounds each running ``step(model)`` once per
+    variant in turn; returns ({name: wall times}, {name: process CPU times}) in seconds."""
     for _ in range(args.warmup):
         for m in variants.values():
             step(m)
@@ -181,7 +188,31 @@ def train_main(args, tv: torchvision.models.ResNet) -> None:
             step(m)
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
-    _report(times, cpu, "torchvision_cl", args, "training step (forward + backward)")
+    return times, cpu
+
+
+def resnet50_eval_cl() -> torchvision.models.ResNet:
+    """torchvision's resnet50 in eval mode, channels_last, with non-trivial BN statistics and
+    affine parameters (so folding is exercised: fresh models have mean 0, var 1). Uses the global
+    RNG: seed it first for the same model in every process."""
+    tv = torchvision.models.resnet50().eval()
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return tv.to(memory_format=torch.channels_last)
+
+
+def compile_freezing(model: torch.nn.Module):
+    """``torch.compile`` with Inductor's freezing (weights constant-folded and pre-packed); compiles
+    on the first call."""
+    import torch._inductor.config as ic
+
+    ic.freezing = True
+    return torch.compile(model)
 
 
 def main() -> None:
@@ -203,16 +234,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    tv = torchvision.models.resnet50().eval()
-    # Non-trivial BN statistics, so folding is exercised (fresh models have mean 0, var 1).
-    with torch.no_grad():
-        for m in tv.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    tv = tv.to(memory_format=torch.channels_last)
+    tv = resnet50_eval_cl()
     if args.floors:
         floors(tv, args.batch, args.peak_gflops, args.gbps)
         return
@@ -225,11 +247,8 @@ def main() -> None:
     if args.unfused:
         variants["fused_cpu_unfused"] = FusedResNet(tv, "cpu", {"FUSED_RESNET_CPU_ONEDNN": "0"})
     if args.compile:
-        import torch._inductor.config as ic
-
-        ic.freezing = True
         t0 = time.perf_counter()
-        comp = torch.compile(tv)
+        comp = compile_freezing(tv)
         with torch.no_grad():
             comp(x)
         print(f"torch.compile(freezing=True) first call: {time.perf_counter() - t0:.1f} s")
@@ -240,17 +259,7 @@ def main() -> None:
         for name, m in variants.items():
             err = (m(x) - ref).abs().max().item()
             print(f"{name}: max |logit diff| vs torchvision = {err:.2e} (logit scale {ref.abs().max().item():.2e})")
-        for _ in range(args.warmup):
-            for m in variants.values():
-                m(x)
-        times = {name: [] for name in variants}
-        cpu = {name: [] for name in variants}
-        for _ in range(args.repeats):
-            for name, m in variants.items():
-                c0, t0 = time.process_time(), time.perf_counter()
-                m(x)
-                times[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
+        times, cpu = _time_interleaved(variants, lambda m: m(x), args)
     _report(times, cpu, "torchvision_cl", args, "eval")
 
 
