@@ -17,6 +17,15 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Marks a tensor the caller wrote through its data pointer as modified in place: bumps its
+// version counter, as every in-place ATen op does. Code that caches on `_version` (the modules'
+// folded-BN cache, autograd's saved-tensor checks) depends on it; our mutating ops are not routed
+// through an ADInplaceOrView kernel that would do it for them. Throws, as ATen does, for an
+// inference tensor outside inference mode.
+inline void mark_modified(const at::Tensor& t) {
+  if (t.defined()) t.unsafeGetTensorImpl()->bump_version();
+}
+
 inline void check_activation(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
   TORCH_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor, got layout ",

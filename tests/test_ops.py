@@ -58,6 +58,27 @@ def test_opcheck_bn_update_running_stats():
              (stats, 12, torch.randn(5), torch.rand(5) + 0.5, torch.tensor(3), None))
 
 
+@pytest.mark.parametrize("nbt", [False, True])
+@pytest.mark.parametrize("grad_mode", ["no_grad", "enable_grad", "inference_mode"])
+def test_bn_update_running_stats_bumps_versions(nbt, grad_mode):
+    """The op writes its buffers through data pointers; it must bump their version counters as an
+    in-place ATen op does (the modules' fold cache keys on ``_version``: without the bump an eval
+    after more training reused the folds of the previous eval)."""
+    stats = torch.stack([torch.randn(5), torch.rand(5) * 10 + 1])
+    ctx = {"no_grad": torch.no_grad, "enable_grad": torch.enable_grad, "inference_mode": torch.inference_mode}
+    with ctx[grad_mode]():
+        rm, rv = torch.randn(5), torch.rand(5) + 0.5
+        n = torch.tensor(3) if nbt else None
+        before = [t._version if not t.is_inference() else None for t in (rm, rv)]
+        ops.bn_update_running_stats.default(stats, 12, rm, rv, n, None if nbt else 0.1)
+        if grad_mode == "inference_mode":
+            assert rm.is_inference()  # no version counter to check; the call must simply work
+            return
+        assert [rm._version, rv._version] == [v + 1 for v in before]
+        if nbt:
+            assert n._version == 1 and int(n) == 4
+
+
 @pytest.mark.parametrize("mode", ["plain", "residual", "dual"])
 @pytest.mark.parametrize("grad", [False, True])
 def test_opcheck_bn_add_act_and_backward(mode, grad):

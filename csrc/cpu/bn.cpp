@@ -640,6 +640,9 @@ void bn_update_running_stats_cpu(const at::Tensor& stats, int64_t count,
   for (int64_t c = 0; c < k; ++c) unbiased[c] = m2[c] / denom;
   blend_into(running_mean, mean, factor);
   blend_into(running_var, unbiased.data(), factor);
+  mark_modified(running_mean);
+  mark_modified(running_var);
+  if (has_nbt) mark_modified(*num_batches_tracked);
 }
 
 }  // namespace

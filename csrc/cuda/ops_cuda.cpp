@@ -494,6 +494,9 @@ void bn_update_running_stats_cuda(const at::Tensor& stats, int64_t count,
       momentum.value_or(0.0), current_stream()));
   if (!rm.is_same(running_mean)) running_mean.copy_(rm);
   if (!rv.is_same(running_var)) running_var.copy_(rv);
+  mark_modified(running_mean);
+  mark_modified(running_var);
+  if (has_nbt) mark_modified(*num_batches_tracked);
 }
 
 // What bn_add_act and its backward share: validation (z, then grad_out when given, then the
