@@ -160,6 +160,11 @@ def record(decision: Decision) -> None:
         log.append(decision)
 
 
+def tracing() -> bool:
+    """True while a :func:`trace` is collecting decisions in this thread."""
+    return bool(getattr(_state, "traces", ()))
+
+
 def last_decision(op: str | None = None) -> Decision | None:
     """The most recent decision for ``op`` (or for any op when ``op`` is None)."""
     if op is not None:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import _fusion
-from ..nn._fusion import Act, FoldCache, run_unit
+from ..nn._fusion import Act, EvalPlan, FoldCache, PlanSlot, run_unit
 
 _CL = torch.channels_last
 
@@ -27,6 +27,7 @@ class FusedModelMixin:
 
     def _init_fused_model(self, backend) -> None:
         self._stem_cache = FoldCache()
+        self._stem_plan = PlanSlot()
         self.backend = backend
 
     @property
@@ -42,14 +43,26 @@ class FusedModelMixin:
                 m.backend = value
 
     def _fused_entry(self, x: Tensor) -> Tensor:
-        _fusion.check_input(x, self.conv1.in_channels, type(self).__name__)
+        conv, bn = self.conv1, self.bn1
+        _fusion.check_input(x, conv.in_channels, type(self).__name__)
         x = x.contiguous(memory_format=_CL)
-        why = _fusion.conv_reason(self.conv1) or _fusion.norm_reason(self.bn1)
+        # Eval plan (see fused_resnet.nn._fusion.EvalPlan): the stem's conv_bn_act called directly.
+        slot = getattr(self, "_stem_plan", None)
+        key = None
+        if slot is not None and _fusion.fast_eval_ready(x):
+            key = (_fusion.plan_key_head(x, self.backend), _fusion.unit_state(conv, bn))
+            plan = slot.plan
+            if plan is not None and plan.key == key:
+                plan.record()
+                return plan.conv(0, x)
+        why = _fusion.conv_reason(conv) or _fusion.norm_reason(bn)
         if why is not None:
             _fusion.warn_unfused(self, f"stem conv1/bn1: {why}")
-            return torch.relu(self.bn1(self.conv1(x)))
-        return run_unit(Act(x), self.conv1, self.bn1, self._stem_cache, relu=True, backend=self.backend,
-                        defer=False).t
+            return torch.relu(bn(conv(x)))
+        out = run_unit(Act(x), conv, bn, self._stem_cache, relu=True, backend=self.backend, defer=False).t
+        if key is not None:
+            slot.plan = EvalPlan.build(key, x, [(conv, bn, self._stem_cache)])
+        return out
 
 
 def hub_checkpoint_path(weights) -> str:

@@ -28,6 +28,7 @@ Vocabulary:
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -354,3 +355,108 @@ def check_input(x, channels: int, where: str) -> None:
     if x.shape[1] != channels:
         raise ValueError(f"{where}: x: expected {channels} input channels (N, {channels}, H, W), got shape "
                          f"{tuple(x.shape)}")
+
+
+# ----------------------------------------------------------------------------- eval plans
+#
+# Decision: in fold mode with no gradient wanted (``torch.no_grad()`` / ``torch.inference_mode()``),
+# a fused block's forward is always the same few ``conv_bn_act`` calls with the same weights and
+# folds, so after one ordinary forward has validated everything, the module keeps an
+# :class:`EvalPlan` -- the op, and per unit the weight, folded scale/shift and conv arguments -- and
+# later forwards with the same state call ``torch.ops.fused_resnet.conv_bn_act`` directly. That
+# skips per call what cannot have changed: the functional layer's validation and backend choice,
+# the fold-cache lookup, the unit engine (together ~110 us per conv on a 2-core CPU: ~6 ms of a
+# ResNet-50 forward). What can change is in the plan's key, recomputed every call: the input's
+# shape/dtype/device, the backend setting and FUSED_RESNET_BACKEND, and per unit the modules'
+# identities, train/eval flags, eps, conv arguments and every tensor's identity, version, data
+# pointer, dtype and shape (:func:`_key`) -- so in-place updates, ``.data`` swaps, ``.to()`` and
+# ``train()``/``eval()`` all rebuild the plan through an ordinary (validating) forward.
+# Only the C++ backends (cpu, cuda), whose ops validate their arguments themselves, take plans;
+# autocast, torch.compile tracing and an active :func:`fused_resnet.backends.trace` take the
+# ordinary path, as does everything with FUSED_RESNET_FAST_EVAL=0 (the switch used to measure it).
+# A plan holds references to the weights it was built from; it is dropped by copies and pickles.
+
+FAST_EVAL_ENV = "FUSED_RESNET_FAST_EVAL"
+_PLAN_BACKENDS = ("cpu", "cuda")
+
+
+def fast_eval_ready(x) -> bool:
+    """Whether this call may use an :class:`EvalPlan` (per-call conditions only; the plan's key
+    covers the module state)."""
+    return (
+        not torch.is_grad_enabled()
+        and isinstance(x, Tensor)
+        and not torch.compiler.is_compiling()
+        and not backends.tracing()
+        and not torch.is_autocast_enabled(x.device.type)
+        and os.environ.get(FAST_EVAL_ENV, "1").strip() != "0"
+    )
+
+
+def plan_key_head(x: Tensor, backend: str | None) -> tuple:
+    """The part of a plan key that does not depend on the module's units."""
+    return (tuple(x.shape), x.dtype, x.device, torch.is_inference_mode_enabled(), backend,
+            os.environ.get(backends._ENV))
+
+
+def unit_state(conv: nn.Conv2d, bn: nn.Module) -> tuple:
+    """Everything about a unit that its plan entry depends on (see the comment above)."""
+    return (
+        id(conv), id(bn), type(conv), type(bn), bn.training, getattr(bn, "track_running_stats", True), bn.eps,
+        conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode,
+        _key(conv.weight), _key(conv.bias),
+        _key(bn.running_mean), _key(bn.running_var), _key(bn.weight), _key(bn.bias),
+    )
+
+
+class EvalPlan:
+    """A fused module's fold-mode forward as direct op calls (see the comment above this class).
+
+    ``units[i]`` is ``(weight, scale, shift, stride, padding, dilation, groups)``;
+    :meth:`conv` runs unit ``i`` as one ``conv_bn_act``."""
+
+    __slots__ = ("key", "op", "decision", "units")
+
+    def __init__(self, key: tuple, decision: backends.Decision, units: list[tuple]) -> None:
+        self.key = key
+        self.op = torch.ops.fused_resnet.conv_bn_act.default
+        self.decision = decision
+        self.units = units
+
+    def conv(self, i: int, x: Tensor, residual: Tensor | None = None, relu: bool = True) -> Tensor:
+        w, scale, shift, stride, padding, dilation, groups = self.units[i]
+        return self.op(x, w, scale, shift, residual, stride, padding, dilation, groups, relu)
+
+    def record(self) -> None:
+        backends.record(self.decision)
+
+    @staticmethod
+    def build(key: tuple, x: Tensor, units: list[tuple[nn.Conv2d, nn.Module, FoldCache]]) -> EvalPlan | None:
+        """A plan for ``units`` after an ordinary forward of ``x`` ran them; None when a unit is
+        not in fold mode or the backend that ran them is not a C++ one."""
+        decision = backends.last_decision("conv_bn_act")
+        if decision is None or decision.backend not in _PLAN_BACKENDS:
+            return None
+        if any(norm_mode(bn) != FOLD for _, bn, _ in units):
+            return None
+        acc = reference.acc_dtype(x.dtype)
+        entries = []
+        for conv, bn, cache in units:
+            scale, shift = cache.get(bn, conv.bias, acc)
+            a = conv_args(conv)
+            entries.append((conv.weight, scale, shift, list(a["stride"]), list(a["padding"]),
+                            list(a["dilation"]), a["groups"]))
+        return EvalPlan(key, decision, entries)
+
+
+class PlanSlot:
+    """Holds a module's current :class:`EvalPlan` (or None). Not state: copies and pickles get an
+    empty slot (the plan refers to the original's tensors)."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self) -> None:
+        self.plan: EvalPlan | None = None
+
+    def __reduce__(self):
+        return (PlanSlot, ())

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet as _tv
 
 from . import _fusion
-from ._fusion import Act, FoldCache, run_unit
+from ._fusion import Act, EvalPlan, FoldCache, PlanSlot, run_unit
 
 __all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "PlainBasicBlock"]
 
@@ -56,6 +56,7 @@ class _FusedBlockMixin:
         self.backend = _fusion.check_backend(backend)
         self._fold_caches = {conv: FoldCache() for conv, _ in self._units}
         self._fold_caches["downsample"] = FoldCache()
+        self._plan_slot = PlanSlot()
 
     @property
     def in_channels(self) -> int:
@@ -84,12 +85,68 @@ class _FusedBlockMixin:
             x = m(x)
         return run_unit(Act(x), conv, norm, self._fold_caches["downsample"], relu=False, backend=self.backend)
 
+    def _plan_key(self, x: Tensor) -> tuple | None:
+        """The :class:`~fused_resnet.nn._fusion.EvalPlan` key of this call, None when it may not
+        use one."""
+        if not _fusion.fast_eval_ready(x):
+            return None
+        key = [_fusion.plan_key_head(x, self.backend)]
+        for conv, norm in self._units:
+            key.append(_fusion.unit_state(getattr(self, conv), getattr(self, norm)))
+        ds = self.downsample
+        if ds is not None:
+            parts = split_downsample(ds)
+            key.append(id(ds) if parts is None else
+                       (tuple(id(m) for m in parts[0]), _fusion.unit_state(parts[1], parts[2])))
+        return tuple(key)
+
+    def _build_plan(self, key: tuple, x: Tensor) -> EvalPlan | None:
+        units = [(getattr(self, conv), getattr(self, norm), self._fold_caches[conv]) for conv, norm in self._units]
+        parts = split_downsample(self.downsample) if self.downsample is not None else None
+        if parts is not None:
+            units.append((parts[1], parts[2], self._fold_caches["downsample"]))
+        return EvalPlan.build(key, x, units)
+
+    def _run_plan(self, plan: EvalPlan, x: Tensor) -> Tensor:
+        """The fold-mode forward through ``plan`` (same calls as the ordinary path)."""
+        last = len(self._units) - 1
+        a = x
+        for i in range(last):
+            a = plan.conv(i, a)
+        if not self.residual:
+            res = None
+        elif self.downsample is None:
+            res = x
+        else:
+            parts = split_downsample(self.downsample)
+            if parts is None:
+                res = self.downsample(x)
+            else:
+                res = x
+                for m in parts[0]:
+                    res = m(res)
+                res = plan.conv(last + 1, res, relu=False)
+        plan.record()
+        return plan.conv(last, a, res)
+
     def forward(self, x: Tensor) -> Tensor:
         _fusion.check_input(x, self.in_channels, type(self).__name__)
+        key = self._plan_key(x)
+        slot = getattr(self, "_plan_slot", None)
+        if key is not None and slot is not None:
+            plan = slot.plan
+            if plan is not None and plan.key == key:
+                return self._run_plan(plan, x)
         why = self.unfused_reason()
         if why is not None:
             _fusion.warn_unfused(self, why)
             return self._unfused_forward(x)
+        out = self._fused_forward(x)
+        if key is not None and slot is not None:
+            slot.plan = self._build_plan(key, x)
+        return out
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
         a = Act(x)
         last = len(self._units) - 1
         for i, (conv, norm) in enumerate(self._units):
@@ -264,6 +321,7 @@ class ConvBNAct(nn.Module):
         self.relu = bool(relu)
         self.backend = _fusion.check_backend(backend)
         self._fold_cache = FoldCache()
+        self._plan_slot = PlanSlot()
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.Module, relu: bool = True, backend: str | None = None):
@@ -281,6 +339,7 @@ class ConvBNAct(nn.Module):
         m.conv, m.bn, m.relu = conv, bn, bool(relu)
         m.backend = _fusion.check_backend(backend)
         m._fold_cache = FoldCache()
+        m._plan_slot = PlanSlot()
         m.train(bn.training)
         return m
 
@@ -288,13 +347,25 @@ class ConvBNAct(nn.Module):
         return _fusion.conv_reason(self.conv) or _fusion.norm_reason(self.bn)
 
     def forward(self, x: Tensor) -> Tensor:
-        _fusion.check_input(x, self.conv.in_channels, "ConvBNAct")
+        conv, bn = self.conv, self.bn
+        _fusion.check_input(x, conv.in_channels, "ConvBNAct")
+        slot = getattr(self, "_plan_slot", None)
+        key = None
+        if slot is not None and _fusion.fast_eval_ready(x):  # see fused_resnet.nn._fusion.EvalPlan
+            key = (_fusion.plan_key_head(x, self.backend), self.relu, _fusion.unit_state(conv, bn))
+            plan = slot.plan
+            if plan is not None and plan.key == key:
+                plan.record()
+                return plan.conv(0, x, relu=self.relu)
         why = self.unfused_reason()
         if why is not None:
             _fusion.warn_unfused(self, why)
-            y = self.bn(self.conv(x))
+            y = bn(conv(x))
             return torch.relu(y) if self.relu else y
-        return run_unit(Act(x), self.conv, self.bn, self._fold_cache, self.relu, self.backend, defer=False).t
+        out = run_unit(Act(x), conv, bn, self._fold_cache, self.relu, self.backend, defer=False).t
+        if key is not None:
+            slot.plan = EvalPlan.build(key, x, [(conv, bn, self._fold_cache)])
+        return out
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, backend={self.backend!r}"
