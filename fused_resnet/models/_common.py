@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-from ..nn import _fusion
+from ..nn import _fusion, _onednn_stem
 from ..nn._fusion import Act, EvalPlan, FoldCache, PlanSlot, run_unit
 
 _CL = torch.channels_last
@@ -42,27 +42,49 @@ class FusedModelMixin:
             if m is not self and (hasattr(m, "_fold_caches") or hasattr(m, "_fold_cache")):
                 m.backend = value
 
-    def _fused_entry(self, x: Tensor) -> Tensor:
+    def _fused_entry(self, x: Tensor, pool: nn.Module | None = None) -> Tensor:
+        """``relu(bn1(conv1(x)))``, then ``pool`` when given, channels_last out.
+
+        Eval plans (see :class:`~fused_resnet.nn._fusion.EvalPlan`): the stem's ``conv_bn_act`` is
+        called directly; on the ``cpu`` backend, with float32 input and an ``nn.MaxPool2d`` pool, the
+        plan runs conv + BN + ReLU + pool in oneDNN's blocked layout instead
+        (:mod:`fused_resnet.nn._onednn_stem`, measured faster for the 3-channel stem).
+        """
         conv, bn = self.conv1, self.bn1
         _fusion.check_input(x, conv.in_channels, type(self).__name__)
-        x = x.contiguous(memory_format=_CL)
-        # Eval plan (see fused_resnet.nn._fusion.EvalPlan): the stem's conv_bn_act called directly.
         slot = getattr(self, "_stem_plan", None)
         key = None
         if slot is not None and _fusion.fast_eval_ready(x):
-            key = (_fusion.plan_key_head(x, self.backend), _fusion.unit_state(conv, bn))
+            key = (_fusion.plan_key_head(x, self.backend), _fusion.unit_state(conv, bn), _pool_state(pool))
             plan = slot.plan
             if plan is not None and plan.key == key:
                 plan.record()
-                return plan.conv(0, x)
+                if plan.stem is not None:
+                    return plan.stem(x)
+                y = plan.conv(0, x.contiguous(memory_format=_CL))
+                return y if pool is None else pool(y)
+        x = x.contiguous(memory_format=_CL)
         why = _fusion.conv_reason(conv) or _fusion.norm_reason(bn)
         if why is not None:
             _fusion.warn_unfused(self, f"stem conv1/bn1: {why}")
-            return torch.relu(bn(conv(x)))
-        out = run_unit(Act(x), conv, bn, self._stem_cache, relu=True, backend=self.backend, defer=False).t
-        if key is not None:
-            slot.plan = EvalPlan.build(key, x, [(conv, bn, self._stem_cache)])
-        return out
+            out = torch.relu(bn(conv(x)))
+        else:
+            out = run_unit(Act(x), conv, bn, self._stem_cache, relu=True, backend=self.backend, defer=False).t
+            if key is not None:
+                plan = EvalPlan.build(key, x, [(conv, bn, self._stem_cache)])
+                if (plan is not None and pool is not None and plan.decision.backend == "cpu"
+                        and _onednn_stem.unsupported_reason(x, conv, pool) is None):
+                    _, scale, shift, *_ = plan.units[0]
+                    plan.stem = _onednn_stem.OneDNNStem(conv, scale, shift, pool)
+                slot.plan = plan
+        return out if pool is None else pool(out)
+
+
+def _pool_state(pool: nn.Module | None) -> tuple | None:
+    if pool is None:
+        return None
+    return (id(pool), type(pool)) + tuple(getattr(pool, a, None) for a in (
+        "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"))
 
 
 def hub_checkpoint_path(weights) -> str:

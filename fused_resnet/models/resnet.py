@@ -6,7 +6,8 @@ state_dict keys are torchvision's (``load_state_dict`` works strictly in both di
 ``zero_init_residual`` behaves the same. Only the forward differs: the input is converted once to
 channels_last, the stem ``conv1/bn1/relu`` runs as one fused op (eval) or the training path, and
 every block runs fused (see :mod:`fused_resnet.nn`). ``maxpool``, ``avgpool`` and ``fc`` are
-PyTorch's own.
+PyTorch's own, except that an eval plan on the CPU may run conv1 + bn1 + relu + maxpool together in
+oneDNN's blocked layout (:mod:`fused_resnet.nn._onednn_stem`).
 
 Builders take torchvision's arguments: ``weights`` (see :func:`~fused_resnet.models._common.resolve_weights`:
 a torchvision weights enum or its name -- loaded only from the local torch hub cache, never
@@ -68,8 +69,7 @@ class ResNet(FusedModelMixin, _tv.ResNet):
         self._init_fused_model(backend)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
-        x = self._fused_entry(x)
-        x = self.maxpool(x)
+        x = self._fused_entry(x, self.maxpool)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)

@@ -413,15 +413,17 @@ class EvalPlan:
     """A fused module's fold-mode forward as direct op calls (see the comment above this class).
 
     ``units[i]`` is ``(weight, scale, shift, stride, padding, dilation, groups)``;
-    :meth:`conv` runs unit ``i`` as one ``conv_bn_act``."""
+    :meth:`conv` runs unit ``i`` as one ``conv_bn_act``. ``stem``: set by the models' stem when it
+    runs conv + pool through :class:`~fused_resnet.nn._onednn_stem.OneDNNStem` instead."""
 
-    __slots__ = ("key", "op", "decision", "units")
+    __slots__ = ("key", "op", "decision", "units", "stem")
 
     def __init__(self, key: tuple, decision: backends.Decision, units: list[tuple]) -> None:
         self.key = key
         self.op = torch.ops.fused_resnet.conv_bn_act.default
         self.decision = decision
         self.units = units
+        self.stem = None
 
     def conv(self, i: int, x: Tensor, residual: Tensor | None = None, relu: bool = True) -> Tensor:
         w, scale, shift, stride, padding, dilation, groups = self.units[i]

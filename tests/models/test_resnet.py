@@ -161,18 +161,29 @@ def test_nchw_input_converted_once_and_blocks_stay_channels_last():
 
 
 @requires_c
-def test_eval_model_runs_no_unfused_bn_add_relu():
+@pytest.mark.parametrize("plans", ["0", "1"])
+def test_eval_model_runs_no_unfused_bn_add_relu(plans, monkeypatch):
+    monkeypatch.setenv("FUSED_RESNET_FAST_EVAL", plans)
     fused = models.resnet18(num_classes=10, backend="cpu").eval()
     x = torch.randn(1, 3, 32, 32).contiguous(memory_format=CL)
     with torch.no_grad():
         fused(x)
         with OpRecorder() as rec:
             fused(x)
-    # stem 1 + 8 blocks x 2 + 3 projection shortcuts
-    assert rec.ops.count("fused_resnet.conv_bn_act") == 20
     forbidden = {"aten.native_batch_norm", "aten._native_batch_norm_legit_no_training", "aten.batch_norm",
                  "aten.relu", "aten.relu_", "aten.threshold", "aten.add", "aten.add_", "aten.convolution"}
     assert not forbidden & set(rec.ops), sorted(forbidden & set(rec.ops))
+    # stem 1 + 8 blocks x 2 + 3 projection shortcuts
+    if plans == "0":
+        assert rec.ops.count("fused_resnet.conv_bn_act") == 20
+        assert "aten.clamp_min" not in rec.ops
+    else:
+        # The CPU eval plan runs the stem (conv1 + bn1 + relu + maxpool) in oneDNN's blocked layout
+        # (fused_resnet.nn._onednn_stem): one oneDNN convolution with BN folded in, the pool, and the
+        # ReLU in the pass that writes the channels_last result -- no other elementwise op.
+        assert rec.ops.count("fused_resnet.conv_bn_act") == 19
+        assert rec.ops.count("aten.mkldnn_convolution") == 1
+        assert rec.ops.count("aten.clamp_min") == 1
 
 
 def test_backend_attribute_propagates():

@@ -336,4 +336,71 @@ def test_train_eval_alternation_refolds(fast, monkeypatch):
             y, expected = fused(x), tv(x)
             y2 = fused(x)
         torch.testing.assert_close(y, expected, rtol=1e-3, atol=1e-3)
-        assert torch.equal(y, y2)
+        torch.testing.assert_close(y2, y, rtol=1e-4, atol=1e-4)  # the CPU plan's stem runs in oneDNN
+
+
+def _stem_models(seed=13):
+    tv = torchvision.models.resnet50()
+    randomize_norms(tv, seed)
+    fused = resnet50()
+    fused.load_state_dict(tv.state_dict())
+    return tv.eval(), fused.eval()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 3, 33, 47), (3, 3, 18, 21)])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_onednn_stem_matches_the_ordinary_stem(shape, ceil_mode, monkeypatch):
+    """conv1 + bn1 + relu + maxpool in oneDNN's blocked layout (ReLU after the pool) against the
+    ordinary path and torchvision, at odd sizes and with ceil_mode (pool windows over the edge)."""
+    from fused_resnet.nn._onednn_stem import OneDNNStem
+
+    tv, fused = _stem_models()
+    for m in (tv, fused):
+        m.maxpool.ceil_mode = ceil_mode
+    x = torch.randn(*shape) * 2 - 0.5
+    with torch.no_grad():
+        ordinary = fused.maxpool(fused._fused_entry(x))  # no pool given: no oneDNN stem
+        fused._fused_entry(x, fused.maxpool)  # builds the plan
+        plan = fused._stem_plan.plan
+        assert isinstance(plan.stem, OneDNNStem)
+        y = fused._fused_entry(x, fused.maxpool)
+        expected = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == expected.shape
+    torch.testing.assert_close(y, ordinary, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    assert (y == 0).any() and (y > 0).any()  # the ReLU did something on both sides
+
+
+def test_onednn_stem_only_where_it_applies(monkeypatch):
+    tv, fused = _stem_models()
+    x = torch.randn(1, 3, 32, 32)
+
+    def stem_after_two_calls():
+        with torch.no_grad():
+            fused(x)
+            y = fused(x)
+        plan = fused._stem_plan.plan
+        return (plan is not None and plan.stem is not None), y
+
+    used, y = stem_after_two_calls()
+    assert used
+    with torch.no_grad():
+        torch.testing.assert_close(y, tv(x), rtol=1e-3, atol=1e-3)
+    monkeypatch.setenv("FUSED_RESNET_CPU_ONEDNN", "0")
+    fused._stem_plan.plan = None
+    assert not stem_after_two_calls()[0]
+    monkeypatch.delenv("FUSED_RESNET_CPU_ONEDNN")
+    fused.maxpool = nn.AvgPool2d(3, 2, 1)  # another pool: plain conv_bn_act + that pool
+    tv.maxpool = nn.AvgPool2d(3, 2, 1)
+    used, y = stem_after_two_calls()
+    assert not used
+    with torch.no_grad():
+        torch.testing.assert_close(y, tv(x), rtol=1e-3, atol=1e-3)
+    fused.double()
+    tv.double()
+    fused.maxpool = tv.maxpool = nn.MaxPool2d(3, 2, 1)
+    x = x.double()
+    used, y = stem_after_two_calls()
+    assert not used  # float64: conv_bn_act
+    with torch.no_grad():
+        torch.testing.assert_close(y, tv(x), rtol=1e-9, atol=1e-9)
