@@ -149,6 +149,30 @@ def test_resnet50_eval_ops():
                 "aten.convolution"} & set(rec.ops)
 
 
+def test_eval_plan_on_cuda(monkeypatch):
+    """Eval plans (direct conv_bn_act calls after one validating forward) on CUDA: taken, equal to
+    the ordinary path, and rebuilt after an in-place BN update."""
+    ref = torchvision.models.resnet50()
+    randomize_norms(ref)
+    ref = ref.to(DEV).eval()
+    fused = models.resnet50(backend="cuda").to(DEV).eval()
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 96, 96, device=DEV)
+    with torch.no_grad():
+        monkeypatch.setenv("FUSED_RESNET_FAST_EVAL", "0")
+        ordinary = fused(x)
+        monkeypatch.setenv("FUSED_RESNET_FAST_EVAL", "1")
+        fused(x)
+        planned = fused(x)
+        assert fused.layer1[0]._plan_slot.plan is not None and fused._stem_plan.plan is not None
+        assert fused._stem_plan.plan.stem is None  # the oneDNN stem is CPU-only
+        close(planned, ordinary, "plan vs ordinary", 1e-6)
+        close(planned, ref(x), "plan vs torchvision", 1e-3)
+        for m in (ref, fused):
+            m.layer2[1].bn2.running_mean.add_(0.5)
+        close(fused(x), ref(x), "after an in-place BN update", 1e-3)
+
+
 def test_cifar_resnet20_convergence():
     from fused_resnet.models import cifar_resnet20
 
