@@ -13,6 +13,17 @@ A = the current environment, B = the current environment plus ``--env``. ``eval`
 ResNet-50 of ``cpu_resnet50.py`` (batch 8 by default); ``train``: ``fused_resnet.models.resnet50``
 with the same weights, training steps (batch 4). Prints each pair, the median of the per-process medians and in how
 many pairs B was faster, plus minor page faults per iteration.
+
+``--variants`` compares whole eval models instead, each in its own process, rotating through them
+for ``--rounds`` rounds (same weights, batch 8, ``torch.no_grad()``), and prints every variant's
+median of process medians and its ratio to the first one::
+
+    python benchmarks/cpu_ab.py --variants eager,model,model:FUSED_RESNET_FAST_EVAL=0,compile --rounds 5
+
+``eager``: torchvision channels_last; ``model``: ``fused_resnet.models.resnet50`` (eval plans and
+the CPU fast paths as shipped); ``bench``: the functional-API ResNet of ``cpu_resnet50.py``;
+``compile``: torchvision under ``torch.compile`` with Inductor freezing (compiled in the warm-up,
+which is excluded). ``NAME:VAR=VALUE[:VAR=VALUE]`` runs a variant with extra environment.
 """
 
 from __future__ import annotations
@@ -38,7 +49,26 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tv = resnet50_eval_cl()
-    if args.mode == "eval":
+    if args.model:
+        model = tv
+        if args.model == "model":
+            import fused_resnet.models
+
+            model = fused_resnet.models.resnet50().eval()
+            model.load_state_dict(tv.state_dict())
+            model = model.to(memory_format=torch.channels_last)
+        elif args.model == "bench":
+            model = FusedResNet(tv)
+        elif args.model == "compile":
+            from cpu_resnet50 import compile_freezing
+
+            model = compile_freezing(tv)
+        x = torch.randn(args.batch or 8, 3, 224, 224)
+
+        def step():
+            with torch.no_grad():
+                model(x)
+    elif args.mode == "eval":
         model = FusedResNet(tv)
         x = torch.randn(args.batch or 8, 3, 224, 224).contiguous(memory_format=torch.channels_last)
 
@@ -67,11 +97,13 @@ def worker(args) -> None:
     print(f"RESULT {statistics.median(times) * 1e3:.1f} {statistics.median(faults):.0f}", flush=True)
 
 
-def run_one(args, extra_env: dict) -> tuple[float, float]:
+def run_one(args, extra_env: dict, model: str = "") -> tuple[float, float]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--mode", args.mode, "--threads",
            str(args.threads), "--warmup", str(args.warmup), "--iters", str(args.iters)]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
+    if model:
+        cmd += ["--model", model]
     out = subprocess.run(cmd, env={**os.environ, **extra_env}, capture_output=True, text=True, check=True)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     ms, flt = line.split()[1:]
@@ -87,10 +119,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--variants", default="", help="comma-separated eval models (see the docstring)")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--model", default="", choices=("", "eager", "model", "bench", "compile"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.variants:
+        variants(args)
         return
     env_b = dict(kv.split("=", 1) for kv in args.env)
     a, b = [], []
@@ -103,6 +142,29 @@ def main() -> None:
     ma, mb = statistics.median(t for t, _ in a), statistics.median(t for t, _ in b)
     print(f"{args.mode}, {args.threads} threads, B = {env_b}: median of process medians A {ma:.1f} ms, "
           f"B {mb:.1f} ms (B/A {mb / ma:.3f}); B faster in {wins} of {args.pairs} pairs")
+
+
+def variants(args) -> None:
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    specs = []
+    for name in names:
+        model, *env = name.split(":")
+        specs.append((name, model, dict(kv.split("=", 1) for kv in env)))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        row = []
+        for name, model, env in specs:
+            ms, flt = run_one(args, env, model)
+            times[name].append(ms)
+            row.append(f"{name} {ms:.1f}")
+        print(f"round {r + 1}: " + ", ".join(row), flush=True)
+    base = statistics.median(times[names[0]])
+    print(f"eval, batch {args.batch or 8}, {args.threads} threads, {args.rounds} rounds "
+          f"(median of {args.iters} forwards per process after {args.warmup} warm-ups):")
+    for name in names:
+        med = statistics.median(times[name])
+        print(f"  {name:40s} {med:8.1f} ms  {base / med:.3f}x {names[0]}  "
+              f"(processes: {min(times[name]):.1f}-{max(times[name]):.1f} ms)")
 
 
 if __name__ == "__main__":
