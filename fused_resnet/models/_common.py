@@ -71,7 +71,7 @@ class FusedModelMixin:
         else:
             out = run_unit(Act(x), conv, bn, self._stem_cache, relu=True, backend=self.backend, defer=False).t
             if key is not None:
-                plan = EvalPlan.build(key, x, [(conv, bn, self._stem_cache)])
+                plan = EvalPlan.build(key, x, [(conv, bn, self._stem_cache)], self.backend)
                 if (plan is not None and pool is not None and plan.decision.backend == "cpu"
                         and _onednn_stem.unsupported_reason(x, conv, pool) is None):
                     _, scale, shift, *_ = plan.units[0]

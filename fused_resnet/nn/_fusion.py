@@ -433,11 +433,14 @@ class EvalPlan:
         backends.record(self.decision)
 
     @staticmethod
-    def build(key: tuple, x: Tensor, units: list[tuple[nn.Conv2d, nn.Module, FoldCache]]) -> EvalPlan | None:
-        """A plan for ``units`` after an ordinary forward of ``x`` ran them; None when a unit is
-        not in fold mode or the backend that ran them is not a C++ one."""
-        decision = backends.last_decision("conv_bn_act")
-        if decision is None or decision.backend not in _PLAN_BACKENDS:
+    def build(key: tuple, x: Tensor, units: list[tuple[nn.Conv2d, nn.Module, FoldCache]],
+              backend: str | None) -> EvalPlan | None:
+        """A plan for ``units`` (run with the module's ``backend`` setting) after an ordinary
+        forward of ``x`` ran them; None when a unit is not in fold mode or the backend chosen for
+        them is not a C++ one. The choice is made again here, not read from
+        :func:`~fused_resnet.backends.last_decision` (another thread may have recorded since)."""
+        decision = backends.choose("conv_bn_act", x.device, x.dtype, backend)
+        if decision.backend not in _PLAN_BACKENDS:
             return None
         if any(norm_mode(bn) != FOLD for _, bn, _ in units):
             return None

@@ -105,7 +105,7 @@ class _FusedBlockMixin:
         parts = split_downsample(self.downsample) if self.downsample is not None else None
         if parts is not None:
             units.append((parts[1], parts[2], self._fold_caches["downsample"]))
-        return EvalPlan.build(key, x, units)
+        return EvalPlan.build(key, x, units, self.backend)
 
     def _run_plan(self, plan: EvalPlan, x: Tensor) -> Tensor:
         """The fold-mode forward through ``plan`` (same calls as the ordinary path)."""
@@ -364,7 +364,7 @@ class ConvBNAct(nn.Module):
             return torch.relu(y) if self.relu else y
         out = run_unit(Act(x), conv, bn, self._fold_cache, self.relu, self.backend, defer=False).t
         if key is not None:
-            slot.plan = EvalPlan.build(key, x, [(conv, bn, self._fold_cache)])
+            slot.plan = EvalPlan.build(key, x, [(conv, bn, self._fold_cache)], self.backend)
         return out
 
     def extra_repr(self) -> str:
