@@ -28,6 +28,7 @@ Vocabulary:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -377,6 +378,7 @@ def check_input(x, channels: int, where: str) -> None:
 # A plan holds references to the weights it was built from; it is dropped by copies and pickles.
 
 FAST_EVAL_ENV = "FUSED_RESNET_FAST_EVAL"
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
 _PLAN_BACKENDS = ("cpu", "cuda")
 
 
@@ -427,7 +429,10 @@ class EvalPlan:
 
     def conv(self, i: int, x: Tensor, residual: Tensor | None = None, relu: bool = True) -> Tensor:
         w, scale, shift, stride, padding, dilation, groups = self.units[i]
-        return self.op(x, w, scale, shift, residual, stride, padding, dilation, groups, relu)
+        # A plan only runs with grad mode off, where the op's (Python) autograd kernel would only
+        # redispatch below autograd: go there directly (~20 us per call on the CPU measured here).
+        with _below_autograd():
+            return self.op(x, w, scale, shift, residual, stride, padding, dilation, groups, relu)
 
     def record(self) -> None:
         backends.record(self.decision)
