@@ -101,7 +101,7 @@ BnOperands<scalar_t> bn_operands(const scalar_t* z, const scalar_t* res,
   return {z, res, v.scale, v.shift, v.res_scale, v.res_shift, k, relu};
 }
 
-// The same operands over float32 staging blocks z, res (lowp.h) of reduced-precision rows.
+// The same operands over float32 staging blocks z, res (lowp.h) of float16 rows.
 template <typename scalar_t>
 BnOperands<float> staged_operands(const BnOperands<scalar_t>& in, const float* z, const float* res) {
   static_assert(std::is_same_v<at::opmath_type<scalar_t>, float>);
@@ -183,9 +183,9 @@ void affine_add_act_impl(const AffineArgs<scalar_t>& a, int64_t m) {
     at::parallel_for(0, m, row_grain(k), [&](int64_t r0, int64_t r1) {
       StageScratch scratch;
       staged_rows<2, 1>(scratch, {a.in.z, a.in.res}, {a.out}, k, r0, r1, stage_rows(k), avx2,
-                                  [&](const auto& in, const auto& out, int64_t nb) {
-                                    rows({staged_operands(a.in, in[0], in[1]), out[0]}, 0, nb);
-                                  });
+                        [&](const auto& in, const auto& out, int64_t nb) {
+                          rows({staged_operands(a.in, in[0], in[1]), out[0]}, 0, nb);
+                        });
     });
   } else {
     const auto rows = avx2 ? &affine_rows_avx2<scalar_t> : &affine_rows_base<scalar_t>;
@@ -551,9 +551,9 @@ void stats_backward_impl(const StatsBackwardArgs<scalar_t>& p, int64_t m) {
     at::parallel_for(0, m, row_grain(k), [&](int64_t r0, int64_t r1) {
       StageScratch scratch;
       staged_rows<2, 1>(scratch, {p.z, p.grad_z}, {p.out}, k, r0, r1, stage_rows(k), avx2,
-                                  [&](const auto& in, const auto& out, int64_t nb) {
-                                    rows({in[0], in[1], out[0], p.a, p.b, p.mean, k}, 0, nb);
-                                  });
+                        [&](const auto& in, const auto& out, int64_t nb) {
+                          rows({in[0], in[1], out[0], p.a, p.b, p.mean, k}, 0, nb);
+                        });
     });
   } else {
     const auto rows = avx2 ? &stats_backward_rows_avx2<scalar_t> : &stats_backward_rows_base<scalar_t>;

@@ -115,10 +115,10 @@ void prologue_impl(const PrologueArgs<scalar_t>& a, int64_t m) {
     at::parallel_for(0, m, row_grain(c), [&](int64_t r0, int64_t r1) {
       StageScratch scratch;
       staged_rows<1, 1>(scratch, {a.x}, {a.out}, c, r0, r1, stage_rows(c), avx2,
-                                  [&](const auto& in, const auto& out, int64_t nb) {
-                                    rows({in[0], 1, nb, c, nb * c, 1, nb * c, c, a.scale, a.shift, a.relu, out[0]},
-                                         0, nb);
-                                  });
+                        [&](const auto& in, const auto& out, int64_t nb) {
+                          rows({in[0], 1, nb, c, nb * c, 1, nb * c, c, a.scale, a.shift, a.relu, out[0]},
+                               0, nb);
+                        });
     });
   } else {
     const auto rows = a.sc != 1 ? &prologue_rows_strided<scalar_t>
@@ -230,14 +230,14 @@ void mean_m2_impl(const scalar_t* z, int64_t m, int64_t k, double* mean, double*
       if constexpr (kStagedRows<scalar_t>) {
         bool first = true;
         staged_rows<1, 0>(scratch, {z}, {}, k, r0, r1, stage_rows(k), avx2,
-                                    [&](const auto& in, const auto&, int64_t nb) {
-                                      if (first) {
-                                        first_rows(in[0], nb);
-                                        first = false;
-                                      } else {
-                                        rows(in[0], nb, k, shift, s1, s2);
-                                      }
-                                    });
+                          [&](const auto& in, const auto&, int64_t nb) {
+                            if (first) {
+                              first_rows(in[0], nb);
+                              first = false;
+                            } else {
+                              rows(in[0], nb, k, shift, s1, s2);
+                            }
+                          });
       } else {
         first_rows(z + r0 * k, r1 - r0);
       }
