@@ -36,6 +36,7 @@
 #include <type_traits>
 
 #if FUSED_RESNET_HAVE_AVX2_CLONES
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -59,9 +60,13 @@ inline void narrow_c10(const float* src, c10::Half* dst, int64_t n) {
 
 #if FUSED_RESNET_HAVE_AVX2_CLONES
 // F16C needs the AVX (VEX) state the AVX2 check already requires; every AVX2 CPU made has it,
-// but it is a separate CPUID bit, so it is checked.
+// but it is a separate CPUID bit (leaf 1, ECX bit 29), so it is checked -- with cpuid itself:
+// older GCC and clang do not know "f16c" in __builtin_cpu_supports.
 inline bool cpu_has_f16c() {
-  static const bool has = __builtin_cpu_supports("f16c");
+  static const bool has = [] {
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & (1u << 29)) != 0;
+  }();
   return has;
 }
 
