@@ -5,8 +5,10 @@
 // pre-packed weights (onednn.cpp). Everywhere else the convolution is ATen's (oneDNN on CPU)
 // and what is fused here is everything around it: the prologue relu?(x * in_scale + in_shift) in one pass that also does the layout
 // change, the folded-BN epilogue written in place into the fresh conv output, and the
-// per-channel (mean, M2) of z in one deterministic pass.
+// per-channel (mean, M2) of z in one deterministic pass. float16 rows of the prologue and the
+// statistics run the float32 loops on float32 staging blocks (lowp.h).
 #include "cpu_kernels.h"
+#include "lowp.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -50,37 +52,79 @@ at::Tensor convolve(const at::Tensor& xin, const at::Tensor& w, const ConvGeomet
 // Prologue: out = relu?(x * in_scale + in_shift) rounded to x's dtype, read from x with any
 // strides and written channels_last-contiguous, so the layout change costs no extra pass.
 
+// x as rows: row r = (n, h, w) pixel, its c channels at x + n*sn + h*sh + w*sw + j*sc.
 template <typename scalar_t>
-void prologue_impl(const at::Tensor& x, const at::opmath_type<scalar_t>* in_scale,
-                   const at::opmath_type<scalar_t>* in_shift, bool relu, scalar_t* out) {
+struct PrologueArgs {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const int64_t m = n * h * w;
-  if (m == 0 || c == 0) return;
-  // The channel stride as a compile-time 1 in the common (channels_last input) case lets the
-  // inner loop vectorize; other layouts take the strided gather.
-  auto run = [&](auto unit_stride) {
-    constexpr bool kUnit = decltype(unit_stride)::value;
+  const scalar_t* x;
+  int64_t h, w, c;
+  int64_t sn, sc, sh, sw;
+  const acc_t* scale;
+  const acc_t* shift;
+  bool relu;
+  scalar_t* out;  // channels_last-contiguous: row r at out + r*c
+};
+
+// Rows [r0, r1). The channel stride as a compile-time 1 in the common (channels_last input) case
+// lets the inner loop vectorize; other layouts take the strided gather.
+template <typename scalar_t, bool kUnit>
+FUSED_RESNET_ALWAYS_INLINE void prologue_rows(const PrologueArgs<scalar_t>& a, int64_t r0, int64_t r1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t zero(0);
+  const int64_t c = a.c, h = a.h, w = a.w;
+  const acc_t* in_scale = a.scale;
+  const acc_t* in_shift = a.shift;
+  const bool relu = a.relu;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t iw = r % w, ih = (r / w) % h, in = r / (w * h);
+    const scalar_t* src = a.x + in * a.sn + ih * a.sh + iw * a.sw;
+    scalar_t* dst = a.out + r * c;
+    FUSED_RESNET_IVDEP
+    for (int64_t j = 0; j < c; ++j) {
+      const acc_t v = static_cast<acc_t>(src[kUnit ? j : j * a.sc]) * in_scale[j] + in_shift[j];
+      dst[j] = round_to<scalar_t>(relu ? std::max(v, zero) : v);
+    }
+  }
+}
+
+// The unit-stride loop has an AVX2 version; the strided gather only the baseline one.
+template <typename scalar_t>
+FUSED_RESNET_TARGET_AVX2 void prologue_rows_avx2(const PrologueArgs<scalar_t>& a, int64_t r0, int64_t r1) {
+  prologue_rows<scalar_t, true>(a, r0, r1);
+}
+
+template <typename scalar_t>
+void prologue_rows_base(const PrologueArgs<scalar_t>& a, int64_t r0, int64_t r1) {
+  prologue_rows<scalar_t, true>(a, r0, r1);
+}
+
+template <typename scalar_t>
+void prologue_rows_strided(const PrologueArgs<scalar_t>& a, int64_t r0, int64_t r1) {
+  prologue_rows<scalar_t, false>(a, r0, r1);
+}
+
+// Rows [0, m). float32 / float64 / bfloat16 straight from x with its strides. float16 from a
+// channels_last-contiguous x (row r at x + r*c; the caller makes x so) in staged blocks, each
+// run as a float32 channels_last block of one image row of nb pixels.
+template <typename scalar_t>
+void prologue_impl(const PrologueArgs<scalar_t>& a, int64_t m) {
+  const bool avx2 = cpu_has_avx2();
+  const int64_t c = a.c;
+  if constexpr (kStagedRows<scalar_t>) {
+    const auto rows = avx2 ? &prologue_rows_avx2<float> : &prologue_rows_base<float>;
     at::parallel_for(0, m, row_grain(c), [&](int64_t r0, int64_t r1) {
-      const acc_t zero(0);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t iw = r % w, ih = (r / w) % h, in = r / (w * h);
-        const scalar_t* src = xp + in * sn + ih * sh + iw * sw;
-        scalar_t* dst = out + r * c;
-        FUSED_RESNET_IVDEP
-        for (int64_t j = 0; j < c; ++j) {
-          const acc_t v = static_cast<acc_t>(src[kUnit ? j : j * sc]) * in_scale[j] + in_shift[j];
-          dst[j] = round_to<scalar_t>(relu ? std::max(v, zero) : v);
-        }
-      }
+      StageScratch scratch;
+      staged_rows<1, 1>(scratch, {a.x}, {a.out}, c, r0, r1, stage_rows(c), avx2,
+                        [&](const auto& in, const auto& out, int64_t nb) {
+                          rows({in[0], 1, nb, c, nb * c, 1, nb * c, c, a.scale, a.shift, a.relu, out[0]},
+                               0, nb);
+                        });
     });
-  };
-  if (sc == 1) {
-    run(std::true_type{});
   } else {
-    run(std::false_type{});
+    const auto rows = a.sc != 1 ? &prologue_rows_strided<scalar_t>
+                      : avx2    ? &prologue_rows_avx2<scalar_t>
+                                : &prologue_rows_base<scalar_t>;
+    at::parallel_for(0, m, row_grain(c), [&](int64_t r0, int64_t r1) { rows(a, r0, r1); });
   }
 }
 
@@ -88,6 +132,8 @@ at::Tensor prologue(const at::Tensor& x, const c10::optional<at::Tensor>& in_sca
                     const c10::optional<at::Tensor>& in_shift, bool relu) {
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t c = x.size(1);
+  const int64_t m = x.size(0) * x.size(2) * x.size(3);
+  if (m == 0 || c == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_stats_prologue", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // Absent scale/shift as identity vectors: x * 1 + 0 == x exactly, one loop for all cases.
@@ -96,9 +142,22 @@ at::Tensor prologue(const at::Tensor& x, const c10::optional<at::Tensor>& in_sca
     at::Tensor s, b;
     if (in_scale.has_value()) s = in_scale->contiguous();
     if (in_shift.has_value()) b = in_shift->contiguous();
-    prologue_impl<scalar_t>(x, s.defined() ? s.const_data_ptr<acc_t>() : ones.data(),
-                            b.defined() ? b.const_data_ptr<acc_t>() : zeros.data(), relu,
-                            out.mutable_data_ptr<scalar_t>());
+    // float16 stages contiguous rows: another layout is first copied to channels_last (ATen's
+    // copy, one extra pass over x), then transformed from there.
+    const at::Tensor xs = kStagedRows<scalar_t> ? channels_last_input(x) : x;
+    const PrologueArgs<scalar_t> args{xs.const_data_ptr<scalar_t>(),
+                                      xs.size(2),
+                                      xs.size(3),
+                                      c,
+                                      xs.stride(0),
+                                      xs.stride(1),
+                                      xs.stride(2),
+                                      xs.stride(3),
+                                      s.defined() ? s.const_data_ptr<acc_t>() : ones.data(),
+                                      b.defined() ? b.const_data_ptr<acc_t>() : zeros.data(),
+                                      relu,
+                                      out.mutable_data_ptr<scalar_t>()};
+    prologue_impl<scalar_t>(args, m);
   });
   return out;
 }
@@ -112,25 +171,20 @@ at::Tensor prologue(const at::Tensor& x, const c10::optional<at::Tensor>& in_sca
 // the data. Chunks then merge in order with Chan's formula. Neither step depends on how
 // chunks are spread over threads.
 
-// Chunk rows [r0, r1) (r1 > r0): pm/pm2 <- the chunk's mean and M2 around its first row,
-// summed in float64 exactly as before this loop had an AVX2 version (same operations, same
-// order, so the same bits). Summing the shifted values in float32 blocks instead was measured:
-// 2.4x faster, but the model-level training check (tests/test_cli.py, resnet18 at batch 2,
-// where late-stage BN sees 2 values per channel) then erred 3.6x more than eager PyTorch, so
-// the statistics stay float64.
+// A chunk's mean and M2 around its first row, summed in float64 exactly as before this loop had
+// an AVX2 version (same operations, same order, so the same bits). Summing the shifted values in
+// float32 blocks instead was measured: 2.4x faster, but the model-level training check
+// (tests/test_cli.py, resnet18 at batch 2, where late-stage BN sees 2 values per channel) then
+// erred 3.6x more than eager PyTorch, so the statistics stay float64.
+//
+// s1[c] += d and s2[c] += d * d, d = z[r, c] - shift[c], over rows [0, nrows) of z, in row order.
 template <typename scalar_t>
-FUSED_RESNET_ALWAYS_INLINE void mean_m2_rows(const scalar_t* z, int64_t r0, int64_t r1, int64_t k, double* buf,
-                                             double* pm, double* pm2) {
-  const scalar_t* __restrict first = z + r0 * k;
-  double* __restrict shift = buf;
-  double* __restrict s1 = buf + k;
-  double* __restrict s2 = buf + 2 * k;
-  for (int64_t c = 0; c < k; ++c) {
-    shift[c] = static_cast<double>(first[c]);
-    s1[c] = 0.0;
-    s2[c] = 0.0;
-  }
-  for (int64_t r = r0 + 1; r < r1; ++r) {
+FUSED_RESNET_ALWAYS_INLINE void m2_rows(const scalar_t* z, int64_t nrows, int64_t k, const double* shift_p,
+                                        double* s1_p, double* s2_p) {
+  const double* __restrict shift = shift_p;
+  double* __restrict s1 = s1_p;
+  double* __restrict s2 = s2_p;
+  for (int64_t r = 0; r < nrows; ++r) {
     const scalar_t* __restrict row = z + r * k;
     FUSED_RESNET_IVDEP
     for (int64_t c = 0; c < k; ++c) {
@@ -139,35 +193,61 @@ FUSED_RESNET_ALWAYS_INLINE void mean_m2_rows(const scalar_t* z, int64_t r0, int6
       s2[c] += d * d;
     }
   }
-  const double cnt = static_cast<double>(r1 - r0);
-  for (int64_t c = 0; c < k; ++c) {
-    pm[c] = shift[c] + s1[c] / cnt;
-    pm2[c] = std::max(s2[c] - s1[c] * s1[c] / cnt, 0.0);
-  }
 }
 
 template <typename scalar_t>
-FUSED_RESNET_TARGET_AVX2 void mean_m2_rows_avx2(const scalar_t* z, int64_t r0, int64_t r1, int64_t k, double* buf,
-                                                double* pm, double* pm2) {
-  mean_m2_rows<scalar_t>(z, r0, r1, k, buf, pm, pm2);
+FUSED_RESNET_TARGET_AVX2 void m2_rows_avx2(const scalar_t* z, int64_t nrows, int64_t k, const double* shift,
+                                           double* s1, double* s2) {
+  m2_rows<scalar_t>(z, nrows, k, shift, s1, s2);
 }
 
 template <typename scalar_t>
-void mean_m2_rows_base(const scalar_t* z, int64_t r0, int64_t r1, int64_t k, double* buf, double* pm,
-                       double* pm2) {
-  mean_m2_rows<scalar_t>(z, r0, r1, k, buf, pm, pm2);
+void m2_rows_base(const scalar_t* z, int64_t nrows, int64_t k, const double* shift, double* s1, double* s2) {
+  m2_rows<scalar_t>(z, nrows, k, shift, s1, s2);
 }
 
 template <typename scalar_t>
 void mean_m2_impl(const scalar_t* z, int64_t m, int64_t k, double* mean, double* m2) {
   const int64_t nchunks = (m + kChunkRows - 1) / kChunkRows;
   std::vector<double> part(static_cast<size_t>(2 * nchunks * k));  // [chunk][mean|M2][channel]
-  const auto rows = cpu_has_avx2() ? &mean_m2_rows_avx2<scalar_t> : &mean_m2_rows_base<scalar_t>;
+  const bool avx2 = cpu_has_avx2();
+  using body_t = std::conditional_t<kStagedRows<scalar_t>, float, scalar_t>;  // float16: staged
+  const auto rows = avx2 ? &m2_rows_avx2<body_t> : &m2_rows_base<body_t>;
   at::parallel_for(0, nchunks, chunk_grain(k), [&](int64_t c0, int64_t c1) {
     std::vector<double> buf(static_cast<size_t>(3 * k));
+    double* shift = buf.data();
+    double* s1 = shift + k;
+    double* s2 = s1 + k;
+    StageScratch scratch;
     for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t r0 = ch * kChunkRows, r1 = std::min(m, (ch + 1) * kChunkRows);
+      std::fill(s1, s1 + 2 * k, 0.0);
+      // The shift is the chunk's first row, whose own deviations (0) are not summed.
+      auto first_rows = [&](const body_t* rows_z, int64_t nb) {
+        for (int64_t c = 0; c < k; ++c) shift[c] = static_cast<double>(rows_z[c]);
+        rows(rows_z + k, nb - 1, k, shift, s1, s2);
+      };
+      if constexpr (kStagedRows<scalar_t>) {
+        bool first = true;
+        staged_rows<1, 0>(scratch, {z}, {}, k, r0, r1, stage_rows(k), avx2,
+                          [&](const auto& in, const auto&, int64_t nb) {
+                            if (first) {
+                              first_rows(in[0], nb);
+                              first = false;
+                            } else {
+                              rows(in[0], nb, k, shift, s1, s2);
+                            }
+                          });
+      } else {
+        first_rows(z + r0 * k, r1 - r0);
+      }
       double* pm = part.data() + 2 * ch * k;
-      rows(z, ch * kChunkRows, std::min(m, (ch + 1) * kChunkRows), k, buf.data(), pm, pm + k);
+      double* pm2 = pm + k;
+      const double cnt = static_cast<double>(r1 - r0);
+      for (int64_t c = 0; c < k; ++c) {
+        pm[c] = shift[c] + s1[c] / cnt;
+        pm2[c] = std::max(s2[c] - s1[c] * s1[c] / cnt, 0.0);
+      }
     }
   });
   if (m == 0) {

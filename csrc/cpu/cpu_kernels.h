@@ -43,6 +43,8 @@ constexpr int64_t kChunkRows = 256;
 // contract a*b+c, so both versions round every operation exactly as the reference's separate
 // multiply and add do, and the two versions give the same bits (vectorization runs across
 // channels; every per-channel accumulation keeps its sequential row order).
+// float16 / bfloat16 tensors run the float32 instantiation of a row body on float32 staging
+// blocks (lowp.h), whose conversions have their own AVX2 (+F16C) version.
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define FUSED_RESNET_HAVE_AVX2_CLONES 1
 #define FUSED_RESNET_TARGET_AVX2 __attribute__((target("avx2")))
