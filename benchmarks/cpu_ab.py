@@ -23,7 +23,8 @@ median of process medians and its ratio to the first one::
 ``eager``: torchvision channels_last; ``model``: ``fused_resnet.models.resnet50`` (eval plans and
 the CPU fast paths as shipped); ``bench``: the functional-API ResNet of ``cpu_resnet50.py``;
 ``compile``: torchvision under ``torch.compile`` with Inductor freezing (compiled in the warm-up,
-which is excluded). ``NAME:VAR=VALUE[:VAR=VALUE]`` runs a variant with extra environment.
+which is excluded). Every variant gets the same channels_last input (``--nchw-input``: NCHW).
+``NAME:VAR=VALUE[:VAR=VALUE]`` runs a variant with extra environment.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def worker(args) -> None:
 
             model = compile_freezing(tv)
         x = torch.randn(args.batch or 8, 3, 224, 224)
+        if not args.nchw_input:
+            x = x.contiguous(memory_format=torch.channels_last)
 
         def step():
             with torch.no_grad():
@@ -103,7 +106,7 @@ def run_one(args, extra_env: dict, model: str = "") -> tuple[float, float]:
     if args.batch:
         cmd += ["--batch", str(args.batch)]
     if model:
-        cmd += ["--model", model]
+        cmd += ["--model", model] + (["--nchw-input"] if args.nchw_input else [])
     out = subprocess.run(cmd, env={**os.environ, **extra_env}, capture_output=True, text=True, check=True)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     ms, flt = line.split()[1:]
@@ -121,6 +124,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--variants", default="", help="comma-separated eval models (see the docstring)")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--nchw-input", action="store_true",
+                    help="--variants: feed NCHW images (default: channels_last, eager's best case)")
     ap.add_argument("--model", default="", choices=("", "eager", "model", "bench", "compile"),
                     help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
