@@ -9,6 +9,8 @@ channels_last. Run from the repository root::
     python benchmarks/cpu_resnet50.py --unfused       # + the cpu backend without its oneDNN fast path
     python benchmarks/cpu_resnet50.py --floors        # per-conv FLOP / byte floors, then exit
     python benchmarks/cpu_resnet50.py --train         # training step instead (batch 4 by default)
+    python benchmarks/cpu_resnet50.py --model         # + fused_resnet.models.resnet50 with eval plans
+                                                      #   on, off, and without the oneDNN stem
 
 The fused forward is built here from torchvision's own modules (until ``fused_resnet.models``
 lands): BatchNorm folded once with ``fold_bn`` (outside the timed region, as a fused model
@@ -174,6 +176,35 @@ def train_main(args, tv: torchvision.models.ResNet) -> None:
     _report(times, cpu, "torchvision_cl", args, "training step (forward + backward)")
 
 
+class WithEnv(torch.nn.Module):
+    """Runs ``model`` with environment variables set around each forward (per-call switches)."""
+
+    def __init__(self, model: torch.nn.Module, **env: str):
+        super().__init__()
+        self.model, self.env = model, env
+
+    def forward(self, x):
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            return self.model(x)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
+
+
+def fused_model(tv: torchvision.models.ResNet) -> torch.nn.Module:
+    """``fused_resnet.models.resnet50`` in eval mode with ``tv``'s weights, channels_last."""
+    from fused_resnet import models
+
+    m = models.resnet50().eval()
+    m.load_state_dict(tv.state_dict())
+    return m.to(memory_format=torch.channels_last)
+
+
 def _time_interleaved(variants: dict, step, args) -> tuple[dict, dict]:
     """``args.warmup`` rounds, then ``args.repeats`` rounds each running ``step(model)`` once per
     variant in turn; returns ({name: wall times}, {name: process CPU times}) in seconds."""
@@ -224,6 +255,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also torch.compile with inductor freezing")
     ap.add_argument("--unfused", action="store_true",
                     help="also the cpu backend with FUSED_RESNET_CPU_ONEDNN=0 (ATen conv + separate epilogue)")
+    ap.add_argument("--model", action="store_true",
+                    help="also fused_resnet.models.resnet50: eval plans on, off (FUSED_RESNET_FAST_EVAL=0), "
+                         "and on without the oneDNN stem")
     ap.add_argument("--floors", action="store_true", help="print per-conv FLOP/byte floors and exit")
     ap.add_argument("--train", action="store_true", help="time a training step instead of eval")
     ap.add_argument("--peak-gflops", type=float, default=150.0, help="assumed fp32 peak for --floors")
@@ -246,6 +280,12 @@ def main() -> None:
     variants = {"torchvision_cl": tv, "fused_cpu": FusedResNet(tv, "cpu")}
     if args.unfused:
         variants["fused_cpu_unfused"] = FusedResNet(tv, "cpu", {"FUSED_RESNET_CPU_ONEDNN": "0"})
+    if args.model:
+        variants["model_plans"] = WithEnv(fused_model(tv), FUSED_RESNET_FAST_EVAL="1")
+        variants["model_no_plans"] = WithEnv(fused_model(tv), FUSED_RESNET_FAST_EVAL="0")
+        no_stem = fused_model(tv)
+        no_stem._stem_plan = None  # the stem then takes the ordinary path; blocks keep their plans
+        variants["model_plans_no_stem"] = WithEnv(no_stem, FUSED_RESNET_FAST_EVAL="1")
     if args.compile:
         t0 = time.perf_counter()
         comp = compile_freezing(tv)
