@@ -29,6 +29,7 @@ loaded machine inflates much less than wall time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -58,6 +59,22 @@ def _conv_args(conv: torch.nn.Conv2d) -> dict:
     return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
 
 
+@contextlib.contextmanager
+def env_set(env: dict):
+    """Environment variables set for the block, restored after it (the kernels read their switches
+    per call, so one process can interleave variants)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
 class FusedResNet(torch.nn.Module):
     """torchvision ResNet's eval forward through fused conv_bn_act calls (same weights)."""
 
@@ -77,18 +94,8 @@ class FusedResNet(torch.nn.Module):
                               **_conv_args(conv))
 
     def forward(self, x):
-        if self.env:
-            saved = {k: os.environ.get(k) for k in self.env}
-            os.environ.update(self.env)
-            try:
-                return self._forward(x)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k)
-                    else:
-                        os.environ[k] = v
-        return self._forward(x)
+        with env_set(self.env):
+            return self._forward(x)
 
     def _forward(self, x):
         tv = self.tv
@@ -184,16 +191,8 @@ class WithEnv(torch.nn.Module):
         self.model, self.env = model, env
 
     def forward(self, x):
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
+        with env_set(self.env):
             return self.model(x)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k)
-                else:
-                    os.environ[k] = v
 
 
 def fused_model(tv: torchvision.models.ResNet) -> torch.nn.Module:

@@ -55,6 +55,16 @@ def _x(*shape):
     return torch.randn(*shape).contiguous(memory_format=torch.channels_last)
 
 
+def _twice(module, x, calls: CountFunctional):
+    """Two no-grad forwards: the first must take the ordinary path, the second the plan."""
+    with torch.no_grad():
+        first = module(x)
+        assert calls.take() > 0
+        second = module(x)
+        assert calls.take() == 0
+    return first, second
+
+
 def _ordinary(module, x, monkeypatch):
     with monkeypatch.context() as m:
         m.setenv(_fusion.FAST_EVAL_ENV, "0")
@@ -226,11 +236,7 @@ def test_plain_block_and_basic_block(monkeypatch):
         randomize_norms(blk, 5)
         blk.eval()
         x = _x(2, 32, 9, 9)
-        with torch.no_grad():
-            first = blk(x)
-            calls.take()
-            second = blk(x)
-            assert calls.take() == 0
+        first, second = _twice(blk, x, calls)
         assert torch.equal(first, second)
         assert torch.equal(second, _ordinary(blk, x, monkeypatch))
 
@@ -244,11 +250,8 @@ def test_conv_bn_act_module_and_frozen_bn(monkeypatch):
         randomize_norms(m, 6)
         m.eval()
         x = _x(2, 16, 11, 7)
+        first, second = _twice(m, x, calls)
         with torch.no_grad():
-            first = m(x)
-            calls.take()
-            second = m(x)
-            assert calls.take() == 0
             m.relu = not relu  # the flag is part of the key
             flipped = m(x)
             assert calls.take() == 1
