@@ -401,13 +401,19 @@ def plan_key_head(x: Tensor, backend: str | None) -> tuple:
             os.environ.get(backends._ENV))
 
 
-def unit_state(conv: nn.Conv2d, bn: nn.Module) -> tuple:
-    """Everything about a unit that its plan entry depends on (see the comment above)."""
+def unit_state(conv: nn.Module, bn: nn.Module) -> tuple:
+    """Everything about a unit that its plan entry depends on (see the comment above). Computed
+    before the module knows whether it can fuse, so any module is accepted (a GroupNorm, an
+    Identity, a non-Conv2d): what it lacks reads as None."""
+
+    def a(m, name):
+        return getattr(m, name, None)
+
     return (
-        id(conv), id(bn), type(conv), type(bn), bn.training, getattr(bn, "track_running_stats", True), bn.eps,
-        conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode,
-        _key(conv.weight), _key(conv.bias),
-        _key(bn.running_mean), _key(bn.running_var), _key(bn.weight), _key(bn.bias),
+        id(conv), id(bn), type(conv), type(bn), bn.training, a(bn, "track_running_stats"), a(bn, "eps"),
+        a(conv, "stride"), a(conv, "padding"), a(conv, "dilation"), a(conv, "groups"), a(conv, "padding_mode"),
+        _key(a(conv, "weight")), _key(a(conv, "bias")),
+        _key(a(bn, "running_mean")), _key(a(bn, "running_var")), _key(a(bn, "weight")), _key(a(bn, "bias")),
     )
 
 

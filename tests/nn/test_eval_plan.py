@@ -407,3 +407,18 @@ def test_onednn_stem_only_where_it_applies(monkeypatch):
     assert not used  # float64: conv_bn_act
     with torch.no_grad():
         torch.testing.assert_close(y, tv(x), rtol=1e-9, atol=1e-9)
+
+
+def test_unfusable_modules_under_no_grad(monkeypatch):
+    """Plan keys are computed before a module knows whether it fuses: blocks and ConvBNAct with a
+    GroupNorm or an Identity norm must still run (unfused, with their warning) under no_grad."""
+    blk = torchvision.models.resnet.BasicBlock(16, 16, norm_layer=lambda c: nn.GroupNorm(4, c)).eval()
+    fused = fnn.BasicBlock(16, 16, norm_layer=lambda c: nn.GroupNorm(4, c)).eval()
+    fused.load_state_dict(blk.state_dict())
+    cba = fnn.ConvBNAct(16, 8, 3, norm_layer=lambda c: nn.Identity()).eval()
+    x = _x(2, 16, 6, 6)
+    with pytest.warns(backends.FallbackWarning), torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(fused(x), blk(x))
+            torch.testing.assert_close(cba(x), torch.relu(cba.conv(x)))
+    assert fused._plan_slot.plan is None and cba._plan_slot.plan is None
