@@ -11,9 +11,15 @@ Decisions:
 * One ``all_gather`` of a ``(2, K)`` stats tensor per call (plus one of the int64 counts),
   merged with Chan's parallel formula in float64 -- exact for unequal per-rank batches (an empty
   rank contributes nothing) and accurate when ``|mean| >> std``.
-* Differentiable: the gather is ``torch.distributed.nn.functional.all_gather``, whose backward
-  sums the gradients of the merged statistics over ranks -- the all-reduce of ``sum(g)`` and
-  ``sum(g * xhat)`` that ``nn.SyncBatchNorm``'s backward performs.
+* Differentiable: the gather is this module's own autograd function, whose backward all-reduces
+  the gradient of the gathered ``(W, 2, K)`` statistics and keeps this rank's slot -- the
+  all-reduce of ``sum(g)`` and ``sum(g * xhat)`` that ``nn.SyncBatchNorm``'s backward performs.
+  Not ``torch.distributed.nn.functional.all_gather`` (deprecated in torch 2.14): its graph nodes
+  hold the resolved ``ProcessGroup`` object, so a process that keeps an output tensor (and thus the
+  graph) alive past ``destroy_process_group()`` tears gloo down during interpreter exit and aborts
+  ("terminate called without an active exception", about 1 run in 5 on a 2-core machine).
+  The function here stores the ``process_group`` argument as given (``None`` = the default group,
+  looked up again in backward), so the graph keeps no group alive that the caller did not hold.
 * The global count is needed as a Python int by ``bn_finalize`` (it also drives the unbiased
   running variance), so it is read back to the host: one device sync per BN layer, as
   ``nn.SyncBatchNorm`` has.
@@ -38,6 +44,30 @@ def is_active(process_group=None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
+class _GatherStats(torch.autograd.Function):
+    """``(2, K)`` stats of every rank stacked in rank order, ``(W, 2, K)``; differentiable.
+
+    Backward: rank r's loss depends on every rank's copy of the gathered tensor, so the gradient
+    of this rank's stats is the sum over ranks of their gradients at this rank's slot -- one
+    all-reduce of the ``(W, 2, K)`` gradient, then this rank's row. Every rank must run backward
+    (as with ``nn.SyncBatchNorm``).
+    """
+
+    @staticmethod
+    def forward(ctx, stats: Tensor, process_group) -> Tensor:
+        ctx.process_group = process_group  # the argument, not the resolved group: see the module doc
+        stats = stats.contiguous()
+        parts = [torch.empty_like(stats) for _ in range(dist.get_world_size(process_group))]
+        dist.all_gather(parts, stats, group=process_group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()  # all_reduce works in place; autograd's buffer is not ours
+        dist.all_reduce(grad, group=ctx.process_group)
+        return grad[dist.get_rank(ctx.process_group)], None
+
+
 def sync_stats(stats: Tensor, count: int, process_group=None) -> tuple[Tensor, int]:
     """Merge per-rank batch statistics into the global batch's.
 
@@ -57,8 +87,6 @@ def sync_stats(stats: Tensor, count: int, process_group=None) -> tuple[Tensor, i
         raise ValueError(f"count: expected a non-negative int, got {count!r}")
     if not is_active(process_group):
         return stats, count
-    from torch.distributed.nn.functional import all_gather
-
     world = dist.get_world_size(process_group)
     counts = [torch.zeros(1, dtype=torch.int64, device=stats.device) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([count], dtype=torch.int64, device=stats.device), group=process_group)
@@ -66,7 +94,7 @@ def sync_stats(stats: Tensor, count: int, process_group=None) -> tuple[Tensor, i
     total = int(n_i.sum().item())
     if total == 0:
         return stats, 0
-    gathered = torch.stack(all_gather(stats.contiguous(), group=process_group)).to(torch.float64)  # (W, 2, K)
+    gathered = _GatherStats.apply(stats, process_group).to(torch.float64)  # (W, 2, K)
     weight = (n_i / total).view(-1, 1)
     # A rank with no values has undefined (mean, M2): it must not contribute, not even a NaN.
     present = (n_i > 0).view(-1, 1)

@@ -6,7 +6,9 @@ the batch with the gloo backend, all-reduces the parameter gradients as DDP woul
 outputs, gradients and running statistics.
 """
 
+import gc
 import sys
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -37,9 +39,14 @@ def main():
     (y * d["g"][lo:hi]).sum().backward()
     for p in (w, gamma, beta):  # what DDP does with parameter gradients (sum; the loss is a sum)
         dist.all_reduce(p.grad)
-    torch.save({"y": y.detach(), "gx": x.grad, "gw": w.grad, "ggamma": gamma.grad, "gbeta": beta.grad,
-                "rm": rm, "rv": rv, "nbt": nbt, "total": total}, out)
+    # The graph behind y is still alive here, as it is in a user's training loop: it must not keep
+    # the process group alive past destroy_process_group(), or gloo is torn down during
+    # interpreter exit and the process aborts now and then.
+    group = weakref.ref(dist.distributed_c10d._get_default_group())
     dist.destroy_process_group()
+    gc.collect()
+    torch.save({"y": y.detach(), "gx": x.grad, "gw": w.grad, "ggamma": gamma.grad, "gbeta": beta.grad,
+                "rm": rm, "rv": rv, "nbt": nbt, "total": total, "group_released": group() is None}, out)
 
 
 if __name__ == "__main__":
