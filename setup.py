@@ -128,6 +128,24 @@ def plan_cuda(torch) -> tuple[str | None, list[str], str]:
     return home, archs, f"CUDA toolkit {tk or '?'} at {home}"
 
 
+def openmp_flags(torch) -> list[str]:
+    """``-fopenmp`` (compile and link) where torch's ATen parallel backend is OpenMP -- every Linux
+    wheel. ``at::parallel_for`` is a header template: its threads exist only when the code that
+    instantiates it is itself compiled with OpenMP, so without the flag every CPU kernel here runs
+    on one thread whatever ``torch.get_num_threads()`` says. The extension then links
+    ``libgomp.so.1``, which resolves to the copy torch already loaded (same soname): one OpenMP
+    runtime and one thread pool in the process. Not on macOS/Windows (their torch builds and
+    compilers differ; the kernels stay single-threaded there, and the build says so)."""
+    parallel = torch.__config__.parallel_info()
+    if "parallel backend: OpenMP" not in parallel:
+        _log("torch's ATen parallel backend is not OpenMP: CPU kernels use ATen's own thread pool")
+        return []
+    if sys.platform == "darwin" or os.name == "nt":
+        _log("OpenMP flags are not set on this platform: the CPU kernels run single-threaded")
+        return []
+    return ["-fopenmp"]
+
+
 def build_extensions():
     # CUDA_HOME must be right before torch.utils.cpp_extension is imported: it reads the
     # variable once, at import, and would otherwise guess from the nvcc wrapper's folder.
@@ -145,6 +163,8 @@ def build_extensions():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     defines = [("FUSED_RESNET_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx = ["-O3"]
+    omp = openmp_flags(torch)
+    cxx += omp
     if cuda_home:
         sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
         arch_str = ";".join(a.replace(".", "") for a in archs)
@@ -158,6 +178,7 @@ def build_extensions():
             define_macros=defines,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=omp,
         )
         _log(f"building CPU + CUDA kernels for sm_{', sm_'.join(arch_str.split(';'))} ({reason})")
     else:
@@ -169,6 +190,7 @@ def build_extensions():
             define_macros=defines,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx},
+            extra_link_args=omp,
         )
         _log(f"building CPU kernels only ({reason})")
 
@@ -187,6 +209,7 @@ def build_extensions():
                     "cuda_archs": [a.replace(".", "") for a in archs],
                     "cuda_home": cuda_home,
                     "reason": reason,
+                    "openmp": bool(omp),
                 }
                 with open(out, "w") as f:
                     json.dump(info, f, indent=1)

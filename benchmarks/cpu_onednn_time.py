@@ -1,6 +1,7 @@
 """oneDNN's own execution time per ResNet-50 eval forward, one model per process.
 
-Runs one variant (``fused``: the cpu backend through ``cpu_resnet50.FusedResNet``; ``compile``:
+Runs one variant (``fused``: the cpu backend through ``cpu_resnet50.FusedResNet``; ``model``:
+``fused_resnet.models.resnet50`` with its eval plans and oneDNN stem; ``compile``:
 ``torch.compile`` with Inductor freezing; ``eager``: torchvision channels_last) in this process,
 warms it up, then times ``--forwards`` forwards with ``torch.backends.mkldnn.verbose`` on and sums
 the ``exec`` lines oneDNN prints per primitive kind. Comparing the variants in separate, fresh
@@ -24,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("variant", choices=("eager", "fused", "compile"))
+    ap.add_argument("variant", choices=("eager", "fused", "model", "compile"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--forwards", type=int, default=5)
@@ -34,13 +35,13 @@ def main() -> None:
 
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from cpu_resnet50 import FusedResNet, compile_freezing, resnet50_eval_cl
+    from cpu_resnet50 import FusedResNet, compile_freezing, fused_model, resnet50_eval_cl
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tv = resnet50_eval_cl()
     x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    model = {"fused": FusedResNet, "compile": compile_freezing}.get(args.variant, lambda m: m)(tv)
+    model = {"fused": FusedResNet, "model": fused_model, "compile": compile_freezing}.get(args.variant, lambda m: m)(tv)
     with torch.no_grad():
         for _ in range(4):
             model(x)

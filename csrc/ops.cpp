@@ -71,6 +71,13 @@ PyObject* build_info(PyObject*, PyObject*) {
     }
   };
   put("torch_version", PyUnicode_FromString(FUSED_RESNET_TORCH_VERSION));
+  // at::parallel_for is a header template: the CPU kernels are multi-threaded only where this
+  // library itself was compiled with OpenMP (setup.py: openmp_flags).
+#ifdef _OPENMP
+  put("openmp", Py_NewRef(Py_True));
+#else
+  put("openmp", Py_NewRef(Py_False));
+#endif
 #ifdef FUSED_RESNET_WITH_CUDA
   put("cuda", Py_NewRef(Py_True));
   put("cuda_archs", PyUnicode_FromString(FUSED_RESNET_CUDA_ARCHS));
@@ -83,7 +90,8 @@ PyObject* build_info(PyObject*, PyObject*) {
 
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS,
-     "dict: torch version _C was compiled against, whether CUDA kernels are in it, and their archs."},
+     "dict: torch version _C was compiled against, whether its CPU kernels use OpenMP threads, whether "
+     "CUDA kernels are in it, and their archs."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",

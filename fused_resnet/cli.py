@@ -56,6 +56,8 @@ def collect_info() -> dict:
             "problem": _ext.problem,
             "built_against_torch": _ext.build_info.get("torch_version"),
             "cuda_kernels": bool(_ext.build_info.get("cuda")),
+            "openmp": _ext.build_info.get("openmp"),
+            "cpu_threads": torch.get_num_threads(),
             "cuda_archs": _ext.build_info.get("cuda_archs") or [],
             "build_note": _ext.build_info.get("reason"),
             "kernels": kernels,
@@ -83,6 +85,8 @@ def _print_info(info: dict) -> None:
         rows.append(("_C contents", "CPU kernels" + (
             f" + CUDA kernels (sm_{', sm_'.join(archs)})" if ext["cuda_kernels"] else " only")))
         rows.append(("_C built with", f"torch {ext['built_against_torch']}; {ext['build_note'] or ''}"))
+        rows.append(("CPU kernel threads", f"OpenMP, {ext['cpu_threads']} (torch.get_num_threads())"
+                     if ext["openmp"] else "1 (built without OpenMP)"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
