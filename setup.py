@@ -143,7 +143,27 @@ def openmp_flags(torch) -> list[str]:
     if sys.platform == "darwin" or os.name == "nt":
         _log("OpenMP flags are not set on this platform: the CPU kernels run single-threaded")
         return []
+    if not _compiles_openmp():
+        _log("the C++ compiler cannot build OpenMP code (-fopenmp, <omp.h>): the CPU kernels run "
+             "single-threaded; install the compiler's OpenMP runtime (e.g. libgomp / libomp) and rebuild")
+        return []
     return ["-fopenmp"]
+
+
+def _compiles_openmp() -> bool:
+    """Whether ``$CXX`` (default ``c++``) compiles and links a program using <omp.h> with -fopenmp."""
+    import subprocess
+    import tempfile
+
+    cxx = os.environ.get("CXX", "c++").split()
+    src = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            r = subprocess.run([*cxx, "-fopenmp", "-x", "c++", "-", "-o", os.path.join(tmp, "omp_probe")],
+                               input=src, text=True, capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return r.returncode == 0
 
 
 def build_extensions():
