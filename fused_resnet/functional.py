@@ -263,6 +263,17 @@ def conv_stats(
     return _impl("conv_stats", x, backend).conv_stats(*args)
 
 
+def check_train_count(count) -> None:
+    """``count`` (values per channel behind a batch's statistics) must be an int > 1, as
+    ``nn.BatchNorm2d`` requires in training."""
+    if isinstance(count, bool) or not isinstance(count, (int, torch.SymInt)):
+        raise TypeError(f"count: expected an int, got {count!r}")
+    if count <= 1:
+        raise ValueError(
+            f"count: expected more than 1 value per channel when training (as nn.BatchNorm2d), got {count}"
+        )
+
+
 def bn_finalize(
     stats: Tensor,
     count: int,
@@ -299,12 +310,7 @@ def bn_finalize(
     """
     _check_stats(stats)
     k = stats.shape[1]
-    if isinstance(count, bool) or not isinstance(count, (int, torch.SymInt)):
-        raise TypeError(f"count: expected an int, got {count!r}")
-    if count <= 1:
-        raise ValueError(
-            f"count: expected more than 1 value per channel when training (as nn.BatchNorm2d), got {count}"
-        )
+    check_train_count(count)
     if float(eps) < 0:
         raise ValueError(f"eps: expected >= 0, got {eps}")
     for v, name in ((gamma, "gamma"), (beta, "beta")):

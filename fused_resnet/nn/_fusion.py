@@ -261,15 +261,15 @@ class Act:
         return self.scale is not None
 
 
-def materialize(a: Act, backend: str | None) -> Tensor:
+def materialize(a: Act, backend: str | None, tape=None) -> Tensor:
     """The value of ``a`` as a tensor: one :func:`~fused_resnet.functional.bn_add_act` if pending."""
     if not a.pending:
         return a.t
-    return F.bn_add_act(a.t, a.scale, a.shift, relu=a.relu, backend=backend)
+    return (F if tape is None else tape).bn_add_act(a.t, a.scale, a.shift, relu=a.relu, backend=backend)
 
 
 def run_unit(inp: Act, conv: nn.Conv2d, bn: nn.Module, cache: FoldCache, relu: bool, backend: str | None,
-             shortcut: Act | None = None, defer: bool = True) -> Act:
+             shortcut: Act | None = None, defer: bool = True, tape=None) -> Act:
     """Run ``relu?(bn(conv(inp)) + shortcut?)`` through the fused ops.
 
     Args:
@@ -282,47 +282,57 @@ def run_unit(inp: Act, conv: nn.Conv2d, bn: nn.Module, cache: FoldCache, relu: b
             no ReLU) is applied on the fly by ``bn_add_act`` ("dual BN").
         defer: in batch mode without a shortcut, return the raw conv output with the BN (+ ReLU)
             pending instead of applying it (the next conv's prologue will).
+        tape: a :class:`~fused_resnet.nn._tape.Tape` standing in for the functional API (batch
+            mode only: the block's forward is then one autograd node).
 
     Returns:
         An :class:`Act`; pending only in batch mode with ``defer`` and no shortcut.
     """
     args = conv_args(conv)
     if norm_mode(bn) == FOLD:
+        if tape is not None:
+            raise AssertionError("fused_resnet: a tape runs batch-mode units only")
         x = materialize(inp, backend)
         scale, shift = cache.get(bn, conv.bias, reference.acc_dtype(x.dtype))
         res = None if shortcut is None else materialize(shortcut, backend)
         return Act(F.conv_bn_act(x, conv.weight, scale, shift, residual=res, relu=relu, backend=backend, **args))
 
-    z, stats = F.conv_stats(inp.t, conv.weight, inp.scale, inp.shift, inp.relu, backend=backend, **args)
-    scale, shift = batch_norm_affine(bn, stats, z, conv.bias, backend)
+    api = F if tape is None else tape
+    z, stats = api.conv_stats(inp.t, conv.weight, inp.scale, inp.shift, inp.relu, backend=backend, **args)
+    scale, shift = batch_norm_affine(bn, stats, z, conv.bias, backend, tape)
     if shortcut is None:
         out = Act(z, scale, shift, relu)
-        return out if defer else Act(materialize(out, backend))
+        return out if defer else Act(materialize(out, backend, tape))
     if shortcut.pending and shortcut.relu:  # never built by the modules; kept correct anyway
-        shortcut = Act(materialize(shortcut, backend))
-    return Act(F.bn_add_act(z, scale, shift, residual=shortcut.t, res_scale=shortcut.scale,
-                            res_shift=shortcut.shift, relu=relu, backend=backend))
+        shortcut = Act(materialize(shortcut, backend, tape))
+    return Act(api.bn_add_act(z, scale, shift, residual=shortcut.t, res_scale=shortcut.scale,
+                              res_shift=shortcut.shift, relu=relu, backend=backend))
 
 
 def batch_norm_affine(bn: nn.Module, stats: Tensor, z: Tensor, conv_bias: Tensor | None,
-                      backend: str | None) -> tuple[Tensor, Tensor]:
+                      backend: str | None, tape=None) -> tuple[Tensor, Tensor]:
     """Training-mode BN of ``z (+ conv_bias)`` as ``(scale, shift)`` applied to ``z``.
 
     Updates ``bn``'s running statistics and ``num_batches_tracked`` when it is training and tracks
     them, exactly as ``nn.BatchNorm2d`` (``momentum=None`` = cumulative average). A conv bias does
     not change the normalized output but does enter the running mean, so it is added to the batch
     mean before :func:`~fused_resnet.functional.bn_finalize` and folded back into ``shift``.
+    With a ``tape`` (:mod:`fused_resnet.nn._tape`) only the taped ops may touch a tensor that
+    needs a gradient: no sync, no conv bias, BN parameters already in the accumulation dtype.
     """
     acc = stats.dtype
+    if tape is not None and (isinstance(bn, nn.SyncBatchNorm) or conv_bias is not None
+                             or any(p is not None and p.dtype != acc for p in (bn.weight, bn.bias))):
+        raise AssertionError("fused_resnet: this unit cannot run on a tape")
     count = z.numel() // z.shape[1] if z.shape[1] else 0
     track = bn.training and bn.running_mean is not None and bn.running_var is not None
     if isinstance(bn, nn.SyncBatchNorm) and bn.training:
         stats, count = sync_stats(stats, count, bn.process_group)
     if conv_bias is not None:
         stats = torch.stack([stats[0] + conv_bias.to(acc), stats[1]])
-    gamma = None if bn.weight is None else bn.weight.to(acc)
-    beta = None if bn.bias is None else bn.bias.to(acc)
-    scale, shift, _, _ = F.bn_finalize(
+    # (no .to() call when the dtype already matches: below autograd it would still dispatch)
+    gamma, beta = (p if p is None or p.dtype == acc else p.to(acc) for p in (bn.weight, bn.bias))
+    scale, shift, _, _ = (F if tape is None else tape).bn_finalize(
         stats, count, gamma, beta,
         bn.running_mean if track else None, bn.running_var if track else None,
         bn.num_batches_tracked if track else None,

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as _tv
 
-from . import _fusion
+from .. import backends, reference
+from . import _fusion, _tape
 from ._fusion import Act, EvalPlan, FoldCache, PlanSlot, run_unit
 
 __all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "PlainBasicBlock"]
@@ -72,7 +73,7 @@ class _FusedBlockMixin:
             return "a plain block (no shortcut) has a downsample module"
         return None
 
-    def _shortcut(self, x: Tensor) -> Act | None:
+    def _shortcut(self, x: Tensor, tape=None) -> Act | None:
         if not self.residual:
             return None
         if self.downsample is None:
@@ -83,7 +84,30 @@ class _FusedBlockMixin:
         prefix, conv, norm = parts
         for m in prefix:
             x = m(x)
-        return run_unit(Act(x), conv, norm, self._fold_caches["downsample"], relu=False, backend=self.backend)
+        return run_unit(Act(x), conv, norm, self._fold_caches["downsample"], relu=False, backend=self.backend,
+                        tape=tape)
+
+    def _tape_tensors(self, x: Tensor) -> list[Tensor] | None:
+        """The tensors of a taped training forward (input, then each unit's weight, BN weight and
+        bias), or None when this call may not run on a tape (:mod:`fused_resnet.nn._tape`)."""
+        units = [(getattr(self, conv), getattr(self, norm)) for conv, norm in self._units]
+        if self.residual and self.downsample is not None:
+            parts = split_downsample(self.downsample)
+            if parts is None or parts[0]:
+                return None
+            units.append(parts[1:])
+        acc = reference.acc_dtype(x.dtype)
+        tensors = [x]
+        for conv, norm in units:
+            if not _tape.unit_ok(conv, norm, acc):
+                return None
+            tensors += [conv.weight, norm.weight, norm.bias]
+        decisions = _tape.decide(x, self.backend)
+        if decisions is None:
+            return None
+        for d in decisions:
+            backends.record(d)
+        return tensors
 
     def _plan_key(self, x: Tensor) -> tuple | None:
         """The :class:`~fused_resnet.nn._fusion.EvalPlan` key of this call, None when it may not
@@ -141,22 +165,26 @@ class _FusedBlockMixin:
         if why is not None:
             _fusion.warn_unfused(self, why)
             return self._unfused_forward(x)
+        if _tape.tape_ready(x):
+            tensors = self._tape_tensors(x)
+            if tensors is not None:
+                return _tape.BlockFunction.apply(lambda tape: self._fused_forward(x, tape), *tensors)
         out = self._fused_forward(x)
         if key is not None and slot is not None:
             slot.plan = self._build_plan(key, x)
         return out
 
-    def _fused_forward(self, x: Tensor) -> Tensor:
+    def _fused_forward(self, x: Tensor, tape=None) -> Tensor:
         a = Act(x)
         last = len(self._units) - 1
         for i, (conv, norm) in enumerate(self._units):
             if i == last:
-                shortcut = self._shortcut(x)
+                shortcut = self._shortcut(x, tape)
                 a = run_unit(a, getattr(self, conv), getattr(self, norm), self._fold_caches[conv], relu=True,
-                             backend=self.backend, shortcut=shortcut, defer=False)
+                             backend=self.backend, shortcut=shortcut, defer=False, tape=tape)
             else:
                 a = run_unit(a, getattr(self, conv), getattr(self, norm), self._fold_caches[conv], relu=True,
-                             backend=self.backend)
+                             backend=self.backend, tape=tape)
         return a.t
 
     def _unfused_forward(self, x: Tensor) -> Tensor:

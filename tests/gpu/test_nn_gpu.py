@@ -195,3 +195,34 @@ def test_cifar_resnet20_convergence():
         first = first or pair[1]
         assert abs(pair[0] - pair[1]) <= 1e-3 * max(1.0, pair[1]), (step, pair)
     assert pair[1] < 0.5 * first
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+@pytest.mark.parametrize("amp", [False, True])
+def test_block_tape_equals_op_by_op_on_cuda(kind, amp, monkeypatch):
+    """Training blocks run as one autograd node (fused_resnet.nn._tape) on CUDA too: the same
+    output, input/parameter gradients and running statistics as the op-by-op path
+    (FUSED_RESNET_FAST_TRAIN=0), float32 and under bfloat16 autocast."""
+    from fused_resnet.nn import _tape
+
+    # bitwise comparison: cuDNN must pick the same (deterministic) algorithms on both paths
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    _, fused, x = block_pair(kind, torch.float32)
+    fused.train()
+    g = torch.randn(fused(x).shape, device=DEV)
+    out = {}
+    for fast in ("1", "0"):
+        monkeypatch.setenv(_tape.FAST_TRAIN_ENV, fast)
+        m = copy.deepcopy(fused)
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            y = m(xx)
+        y.float().backward(g)
+        out[fast] = (y.detach().float(), xx.grad, [p.grad for p in m.parameters()],
+                     [b.clone() for b in m.buffers()], type(y.grad_fn).__name__)
+    assert out["1"][4] == "BlockFunctionBackward" and out["0"][4] != "BlockFunctionBackward"
+    torch.testing.assert_close(out["1"][0], out["0"][0], rtol=0, atol=0)
+    torch.testing.assert_close(out["1"][1], out["0"][1], rtol=0, atol=0)
+    for a, b in zip(out["1"][2] + out["1"][3], out["0"][2] + out["0"][3], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -1,0 +1,216 @@
+"""One autograd node per fused block in training: the block's ops on a tape.
+
+Decision: in batch mode with gradients wanted, a fused block's forward is a short, fixed chain of
+``conv_stats`` / ``bn_finalize`` / ``bn_add_act`` calls (9-12 ops in a Bottleneck). Run through
+the public functional API, each call pays for argument checks, a backend choice and
+``torch.library.register_autograd``'s generic wrapper, and each becomes its own autograd node with
+its own Python backward wrapper: ~50 ms of Python per ResNet-50 training step on the 2-core CPU
+measured (``benchmarks/NOTES.md``, 2026-12-05), during which the OpenMP workers fall asleep and the
+next convolutions pay for waking them. Here the block runs its unit engine
+(:func:`~fused_resnet.nn._fusion.run_unit`) with a :class:`Tape` in place of the functional API,
+inside ONE ``torch.autograd.Function``: the tape calls the C++ ops directly below autograd and
+records, per op, the same context the op's registered autograd would save (the ``_setup_*``
+functions of :mod:`fused_resnet.ops`); the block's backward replays the tape in reverse through
+the same backward formulas (``fused_resnet.ops``). Same kernels, same formulas, same results.
+
+Where it applies (:func:`tape_ready` per call, the module's ``_tape_units`` per block): grad mode
+on, not under ``torch.compile`` tracing, :func:`fused_resnet.backends.trace`, or
+``FUSED_RESNET_FAST_TRAIN=0``; every unit in batch mode with a plain ``BatchNorm2d`` (not
+``SyncBatchNorm``: its gather has its own autograd) and a bias-free conv; a downsample that is a
+bare (conv, BN) pair; a C++ backend (cpu/cuda) for the call. Everything else runs op by op as
+before. Saved tensors go through ``ctx.save_for_backward``, so they are freed after backward and
+a second backward without ``retain_graph=True`` raises PyTorch's usual error. Double backward is
+not supported (as for the ops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import Tensor, nn
+
+from .. import backends
+from .. import functional as F
+from .. import ops as _ops
+from ._fusion import BATCH, norm_mode
+
+FAST_TRAIN_ENV = "FUSED_RESNET_FAST_TRAIN"
+_TAPE_BACKENDS = ("cpu", "cuda")
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
+
+
+def tape_ready(x) -> bool:
+    """Whether this call may run on a :class:`Tape` (per-call conditions; the block checks its units)."""
+    return (
+        torch.is_grad_enabled()
+        and isinstance(x, Tensor)
+        and not torch.compiler.is_compiling()
+        and not backends.tracing()
+        and os.environ.get(FAST_TRAIN_ENV, "1").strip() != "0"
+    )
+
+
+class _OpCtx:
+    """Stands in for autograd's ctx in the ops' ``_setup_*`` and backward formulas. Saved tensors
+    are kept as indices into the block node's own saved tensors (so autograd owns their lifetime)."""
+
+    __slots__ = ("needs_input_grad", "saved_tensors", "saved_idx", "tape", "conv", "relu", "in_relu",
+                 "has_prologue", "count", "dtype")
+
+    def save_for_backward(self, *tensors) -> None:
+        self.saved_idx = tuple(self.tape.save(t) for t in tensors)
+
+
+def _setup_cast(ctx, inputs, output) -> None:
+    ctx.dtype = inputs[0].dtype
+
+
+def _cast_backward(ctx, grad):
+    return (grad.to(ctx.dtype),)
+
+
+class Tape:
+    """The functional API's ``conv_stats`` / ``bn_finalize`` / ``bn_add_act`` for one block's
+    forward, run directly on the C++ ops and recorded for :class:`BlockFunction`'s backward.
+
+    Tensors are named by their ``id``: every tensor the forward records is kept alive until
+    :meth:`close`, so no two of them share one; after that the ids are only names (a tensor made
+    during backward may reuse one, but is never looked up by it)."""
+
+    def __init__(self, inputs: tuple) -> None:
+        self._alive: list[Tensor] = []
+        self._saved: list = []
+        self._saved_idx: dict[int, int] = {}
+        self.entries: list[tuple] = []
+        self.input_keys = tuple(None if t is None else self._key_of(t) for t in inputs)
+        self._diff = {k for k, t in zip(self.input_keys, inputs, strict=True) if t is not None and t.requires_grad}
+
+    def _key_of(self, t: Tensor) -> int:
+        self._alive.append(t)
+        return id(t)
+
+    def save(self, t) -> int | None:
+        if t is None:
+            return None
+        i = self._saved_idx.get(id(t))
+        if i is None:
+            i = self._saved_idx[id(t)] = len(self._saved)
+            self._saved.append(t)  # alive until close(): its id stays its own
+        return i
+
+    def _record(self, backward, setup, inputs: tuple, outputs: tuple) -> None:
+        in_keys = tuple(self._key_of(t) if isinstance(t, Tensor) else None for t in inputs)
+        needs = tuple(k is not None and k in self._diff for k in in_keys)
+        if not any(needs):
+            return
+        out_keys = tuple(self._key_of(t) for t in outputs)
+        self._diff.update(out_keys)
+        ctx = _OpCtx()
+        ctx.tape, ctx.needs_input_grad, ctx.saved_idx = self, needs, ()
+        setup(ctx, inputs, outputs)
+        ctx.tape = None
+        self.entries.append((backward, ctx, in_keys, out_keys))
+
+    def _autocast(self, t):
+        """Autocast's rule for an activation argument (``fused_resnet.ops.autocast_cast``), applied
+        here rather than inside the op so that the tape records the tensor the op really used; the
+        cast is recorded too, its backward casting the gradient back."""
+        if t is None or not torch.is_autocast_enabled(t.device.type):
+            return t
+        c = _ops.autocast_cast(t, t.device.type, torch.get_autocast_dtype(t.device.type))
+        if c is not t:
+            self._record(_cast_backward, _setup_cast, (t,), (c,))
+        return c
+
+    # ---- the functional API's signatures (backend= is fixed for the whole tape)
+
+    def conv_stats(self, x, weight, in_scale=None, in_shift=None, in_relu=False, stride=1, padding=0,
+                   dilation=1, groups=1, backend=None):
+        x, weight = self._autocast(x), self._autocast(weight)
+        args = (x, weight, in_scale, in_shift, bool(in_relu), list(stride), list(padding), list(dilation), groups)
+        out = torch.ops.fused_resnet.conv_stats.default(*args)
+        self._record(_ops._backward_conv_stats, _ops._setup_conv_stats, args, out)
+        return out
+
+    def bn_finalize(self, stats, count, gamma=None, beta=None, running_mean=None, running_var=None,
+                    num_batches_tracked=None, momentum=0.1, eps=1e-5, backend=None):
+        F.check_train_count(count)
+        args = (stats, count, gamma, beta, float(eps))
+        out = torch.ops.fused_resnet.bn_finalize.default(*args)
+        self._record(_ops._backward_bn_finalize, _ops._setup_bn_finalize, args, out)
+        if running_mean is not None:
+            torch.ops.fused_resnet.bn_update_running_stats.default(
+                stats, count, running_mean, running_var, num_batches_tracked,
+                None if momentum is None else float(momentum))
+        return out
+
+    def bn_add_act(self, z, scale, shift, residual=None, res_scale=None, res_shift=None, relu=True, backend=None):
+        z, residual = self._autocast(z), self._autocast(residual)
+        args = (z, scale, shift, residual, res_scale, res_shift, bool(relu))
+        y = torch.ops.fused_resnet.bn_add_act.default(*args)
+        self._record(_ops._backward_bn_add_act, _ops._setup_bn_add_act, args, (y,))
+        return y
+
+    # ----
+
+    def close(self, output: Tensor) -> tuple[list, int]:
+        """End of the forward: the tensors to save and the output's key; forgets everything else."""
+        out_key = id(output)  # if no recorded op made it, it carries no gradient to anything
+        saved = self._saved
+        self._alive, self._saved, self._saved_idx, self._diff = [], [], {}, set()
+        return saved, out_key
+
+    def backward(self, saved: tuple, out_key: int, grad: Tensor) -> tuple:
+        """Gradients of the block's inputs (in :meth:`__init__`'s order) from the output's ``grad``."""
+        grads = {out_key: grad}
+        for backward, ctx, in_keys, out_keys in reversed(self.entries):
+            g_out = [grads.pop(k, None) for k in out_keys]
+            if all(g is None for g in g_out):
+                continue
+            ctx.saved_tensors = tuple(None if i is None else saved[i] for i in ctx.saved_idx)
+            try:
+                g_in = backward(ctx, *g_out)
+            finally:
+                ctx.saved_tensors = ()
+            for k, g in zip(in_keys, g_in, strict=True):
+                if k is not None and g is not None:
+                    prev = grads.get(k)
+                    grads[k] = g if prev is None else prev + g
+        return tuple(None if k is None else grads.get(k) for k in self.input_keys)
+
+
+class BlockFunction(torch.autograd.Function):
+    """``run(tape)`` -- a block's forward written against the functional API -- as one autograd
+    node. ``tensors`` are everything in it that may need a gradient (input and parameters)."""
+
+    @staticmethod
+    def forward(ctx, run, *tensors):
+        tape = Tape(tensors)
+        with _below_autograd():
+            y = run(tape)
+        saved, ctx.out_key = tape.close(y)
+        ctx.save_for_backward(*saved)
+        ctx.tape = tape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *ctx.tape.backward(ctx.saved_tensors, ctx.out_key, grad))
+
+
+def unit_ok(conv, bn, acc: torch.dtype) -> bool:
+    """Whether a (conv, norm) unit may run on a tape this call (see the module doc)."""
+    return (
+        isinstance(bn, nn.BatchNorm2d) and not isinstance(bn, nn.SyncBatchNorm)
+        and norm_mode(bn) == BATCH
+        and getattr(conv, "bias", None) is None
+        and all(p is None or p.dtype == acc for p in (bn.weight, bn.bias))
+    )
+
+
+def decide(x: Tensor, backend: str | None) -> list[backends.Decision] | None:
+    """The decisions for a taped call's ops, or None when any of them is not a C++ backend."""
+    decisions = [backends.choose(op, x.device, x.dtype, backend) for op in ("conv_stats", "bn_finalize", "bn_add_act")]
+    return decisions if all(d.backend in _TAPE_BACKENDS for d in decisions) else None
