@@ -288,3 +288,21 @@ def test_conv_only_rows_are_the_convolution_alone():
 def test_conv_only_is_a_gpu_default_only():
     assert "conv_only" not in config.resolve(config.BenchConfig()).baselines
     assert "conv_only" in config.BASELINES
+
+
+@requires_c
+def test_count_launches_sees_ops_inside_a_training_tape(monkeypatch):
+    """A fused block's training forward runs its ops inside one autograd.Function (the block tape):
+    they still count, one per op, as they do op by op."""
+    from torch import nn
+
+    from fused_resnet import nn as fnn
+    from fused_resnet.nn import _tape
+
+    ds = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+    blk = fnn.BasicBlock(8, 16, 2, ds, backend="cpu").train()
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "1")
+    assert type(blk(x).grad_fn).__name__ == "BlockFunctionBackward"
+    # 3 units x (conv_stats, bn_finalize, bn_update_running_stats) + one bn_add_act
+    assert timing.count_launches(lambda: blk(x), torch.device("cpu")) == (10, "top-level ops")

@@ -13,7 +13,8 @@ Method (the design's "performance method"):
 
 Launch counts come from :mod:`torch.profiler`: on CUDA the number of GPU kernels a call runs
 (the evidence for "one launch per conv + BN + add + ReLU"); on CPU, where there are no kernel
-launches, the number of top-level operators dispatched (``aten::*`` / ``fused_resnet::*``).
+launches, the number of top-level operators dispatched (``aten::*`` / ``fused_resnet::*`` not
+nested inside another operator; forward and backward).
 """
 
 from __future__ import annotations
@@ -166,8 +167,24 @@ def count_launches(fn: Callable[[], object], device: torch.device) -> tuple[int 
                 if not (name.startswith("memcpy") or name.startswith("memset")):
                     n += 1
         return n, "cuda kernels"
-    n = sum(1 for e in events if e.cpu_parent is None and e.name.startswith(("aten::", "fused_resnet::")))
-    return n, "top-level ops"
+    return sum(1 for e in events if _outermost_op(e)), "top-level ops"
+
+
+_OP_PREFIXES = ("aten::", "fused_resnet::")
+
+
+def _outermost_op(e) -> bool:
+    """An ``aten::`` / ``fused_resnet::`` event not nested inside another such op: what Python, an
+    autograd node (backward included) or a ``torch.autograd.Function`` (the fused blocks' training
+    tapes) dispatched, not what an op called inside its own kernel."""
+    if not e.name.startswith(_OP_PREFIXES):
+        return False
+    p = e.cpu_parent
+    while p is not None:
+        if p.name.startswith(_OP_PREFIXES):
+            return False
+        p = p.cpu_parent
+    return True
 
 
 def measure_peaks(device: torch.device, dtype: torch.dtype, quick: bool = False) -> dict:
