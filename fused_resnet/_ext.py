@@ -28,7 +28,7 @@ REBUILD_HINT = (
 )
 
 OPS = ("conv_bn_act", "conv_stats", "bn_finalize", "bn_update_running_stats", "bn_add_act",
-       "bn_add_act_backward", "stats_backward")
+       "bn_add_act_backward", "stats_backward", "bn_finalize_backward")
 
 _C = None  # the loaded module, or None
 kernels: frozenset = frozenset()  # {(op, dispatch key)} compiled into _C, read once at load

@@ -96,6 +96,11 @@ def _fake_bn_add_act_backward(grad_out, z, scale, shift, residual, res_scale, re
     return _empty_cl(z.shape, z), vec(k), vec(k), grad_residual, grad_res_scale
 
 
+def _fake_bn_finalize_backward(grad_scale, grad_shift, grad_mean, grad_invstd, gamma, scale, mean, invstd, count):
+    k = scale.shape[0]
+    return scale.new_empty((2, k)), scale.new_empty((k,))
+
+
 def _fake_stats_backward(grad_z, grad_stats, z, stats, count):
     return _empty_cl(z.shape, z)
 
@@ -137,10 +142,24 @@ def _setup_bn_finalize(ctx, inputs, output):
     ctx.count = count
 
 
+def _finalize_backward_kernel(t: Tensor) -> bool:
+    """Whether the compiled ``bn_finalize_backward`` runs tensors like ``t`` (CPU or CUDA)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(t.device.type)
+    return key is not None and _ext.has_kernel("bn_finalize_backward", key)
+
+
 def _backward_bn_finalize(ctx, g_scale, g_shift, g_mean, g_invstd):
     # scale = gamma * invstd, shift = beta - mean * scale, invstd = (M2 / count + eps)^-1/2.
-    # Tiny (K,) vectors: plain torch ops, no kernel needed.
+    # Tiny (K,) vectors: one bn_finalize_backward launch where it is compiled, else ~12 plain
+    # torch ops (the same formula).
     gamma, scale, mean, invstd = ctx.saved_tensors
+    if _finalize_backward_kernel(scale):
+        grad_stats, grad_gamma = _op("bn_finalize_backward")(g_scale, g_shift, g_mean, g_invstd, gamma, scale,
+                                                             mean, invstd, ctx.count)
+        n = ctx.needs_input_grad
+        grad_beta = (torch.zeros_like(mean) if g_shift is None else g_shift) if n[3] else None
+        return (grad_stats if n[0] else None, None, grad_gamma if (n[2] and gamma is not None) else None,
+                grad_beta, None)
     zeros = torch.zeros_like(mean)
     g_scale = zeros if g_scale is None else g_scale
     g_shift = zeros if g_shift is None else g_shift
@@ -290,6 +309,7 @@ def register() -> bool:
         "bn_add_act": _fake_bn_add_act,
         "bn_add_act_backward": _fake_bn_add_act_backward,
         "stats_backward": _fake_stats_backward,
+        "bn_finalize_backward": _fake_bn_finalize_backward,
     }
     for name, fn in fakes.items():
         torch.library.register_fake(f"{_NS}::{name}", fn)

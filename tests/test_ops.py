@@ -100,9 +100,61 @@ def test_opcheck_stats_backward():
     _opcheck(ops.stats_backward.default, (rand(2, 6, 3, 4), torch.randn(2, 6), z, stats, 24))
 
 
+def _finalize_backward_inputs(k=6, dtype=torch.float32, gamma=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    stats = torch.stack([torch.randn(k, generator=g) * 3, torch.rand(k, generator=g) * 10 + 1]).to(dtype)
+    gam = (torch.rand(k, generator=g) + 0.5).to(dtype) if gamma else None
+    beta = torch.randn(k, generator=g).to(dtype)
+    gs, gb = torch.randn(k, generator=g).to(dtype), torch.randn(k, generator=g).to(dtype)
+    return stats, gam, beta, gs, gb
+
+
+@pytest.mark.parametrize("which", ["both", "scale_only", "shift_only", "no_gamma"])
+def test_opcheck_bn_finalize_backward(which):
+    stats, gam, beta, gs, gb = _finalize_backward_inputs(gamma=which != "no_gamma")
+    scale, shift, mean, invstd = ops.bn_finalize(stats, 24, gam, beta, 1e-5)
+    gs = None if which == "shift_only" else gs
+    gb = None if which == "scale_only" else gb
+    gm, gi = (torch.randn(6), torch.randn(6)) if which == "both" else (None, None)
+    _opcheck(ops.bn_finalize_backward.default, (gs, gb, gm, gi, gam, scale, mean, invstd, 24))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gamma", [True, False])
+def test_bn_finalize_backward_matches_autograd_of_the_reference(dtype, gamma):
+    """The kernel against autograd through reference.bn_finalize in float64, at a real width."""
+    k, count = 256, 8 * 28 * 28
+    stats, gam, beta, gs, gb = _finalize_backward_inputs(k, dtype, gamma, seed=3)
+    scale, shift, mean, invstd = ops.bn_finalize(stats, count, gam, beta, 1e-5)
+    gm, gi = torch.randn(k, dtype=dtype), torch.randn(k, dtype=dtype)
+    got_stats, got_gamma = ops.bn_finalize_backward(gs, gb, gm, gi, gam, scale, mean, invstd, count)
+    st64 = stats.double().requires_grad_()
+    g64 = gam.double().requires_grad_() if gamma else None
+    sc, sh, m, inv = ref.bn_finalize(st64, count, g64, beta.double(), 1e-5)
+    loss = sum((out * g.double()).sum() for out, g in ((sc, gs), (sh, gb), (m, gm), (inv, gi)))
+    want = torch.autograd.grad(loss, [st64] + ([g64] if gamma else []))
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_stats.double(), want[0], **tol)
+    if gamma:
+        torch.testing.assert_close(got_gamma.double(), want[1], **tol)
+
+
+def test_bn_finalize_backward_rejects_bad_vectors():
+    stats, gam, beta, gs, gb = _finalize_backward_inputs()
+    scale, shift, mean, invstd = ops.bn_finalize(stats, 24, gam, beta, 1e-5)
+    with pytest.raises(RuntimeError, match="grad_shift"):
+        ops.bn_finalize_backward(gs, gb[:4], None, None, gam, scale, mean, invstd, 24)
+    with pytest.raises(RuntimeError, match="grad_invstd"):
+        ops.bn_finalize_backward(gs, gb, None, torch.randn(3), gam, scale, mean, invstd, 24)
+    with pytest.raises(RuntimeError, match="invstd"):
+        ops.bn_finalize_backward(gs, gb, None, None, gam, scale, mean, invstd.double(), 24)
+    with pytest.raises(RuntimeError, match="count"):
+        ops.bn_finalize_backward(gs, gb, None, None, gam, scale, mean, invstd, 0)
+
+
 def test_compiled_kernels_registered_for_cpu():
     for name in ("conv_bn_act", "conv_stats", "bn_finalize", "bn_update_running_stats", "bn_add_act",
-                 "bn_add_act_backward", "stats_backward"):
+                 "bn_add_act_backward", "stats_backward", "bn_finalize_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet::{name}", "CPU"), name
 
 
@@ -237,3 +289,11 @@ def test_float64_gradcheck_through_compiled_ops():
 
     s_in, b_in = f64(vec(3, positive=True)).requires_grad_(True), f64(vec(3)).requires_grad_(True)
     assert torch.autograd.gradcheck(chain, (x, w, s_in, b_in))
+
+    def with_affine(st, gamma, beta):  # bn_finalize's backward kernel with gamma and beta
+        sc, sh, _, _ = FF.bn_finalize(st, 40, gamma, beta, backend="cpu")
+        return sc, sh
+
+    st = torch.stack([torch.randn(5), torch.rand(5) * 3 + 1]).double().requires_grad_(True)
+    gamma, beta = f64(vec(5, positive=True)).requires_grad_(True), f64(vec(5)).requires_grad_(True)
+    assert torch.autograd.gradcheck(with_affine, (st, gamma, beta))

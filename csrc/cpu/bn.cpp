@@ -649,6 +649,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cpu(
   return {scale, shift, save_mean, save_invstd};
 }
 
+// With t = g_scale - g_shift * mean: grad_gamma = t * invstd; d mean = -g_shift * scale + g_mean;
+// d M2 = (t * gamma + g_invstd) * (-invstd^3 / (2 * count)). Computed in double, rounded once.
+std::tuple<at::Tensor, at::Tensor> bn_finalize_backward_cpu(
+    const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& grad_shift,
+    const c10::optional<at::Tensor>& grad_mean, const c10::optional<at::Tensor>& grad_invstd,
+    const c10::optional<at::Tensor>& gamma, const at::Tensor& scale, const at::Tensor& mean,
+    const at::Tensor& invstd, int64_t count) {
+  TORCH_CHECK(scale.dim() == 1, "scale: expected a (K,) tensor, got shape ", scale.sizes());
+  const int64_t k = scale.size(0);
+  const auto acc = scale.scalar_type();
+  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "scale: expected float32 or float64, got ", acc);
+  check_cpu(scale, "scale");
+  TORCH_CHECK(count >= 1, "count: expected >= 1, got ", count);
+  check_vector(mean, "mean", k, acc, scale.device());
+  check_vector(invstd, "invstd", k, acc, scale.device());
+  check_vector(grad_scale, "grad_scale", k, acc, scale.device());
+  check_vector(grad_shift, "grad_shift", k, acc, scale.device());
+  check_vector(grad_mean, "grad_mean", k, acc, scale.device());
+  check_vector(grad_invstd, "grad_invstd", k, acc, scale.device());
+  check_vector(gamma, "gamma", k, acc, scale.device());
+  auto dense = [](const c10::optional<at::Tensor>& t) {
+    const at::Tensor u = undefined_if_none(t);
+    return u.defined() ? u.contiguous() : u;
+  };
+  const at::Tensor gs = dense(grad_scale), gb = dense(grad_shift), ga = dense(gamma);
+  const at::Tensor gm = dense(grad_mean), gi = dense(grad_invstd);
+  const at::Tensor sc = scale.contiguous(), mn = mean.contiguous(), is = invstd.contiguous();
+  at::Tensor grad_stats = at::empty({2, k}, scale.options());
+  at::Tensor grad_gamma = at::empty({k}, scale.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "bn_finalize_backward", [&] {
+    const scalar_t* gsp = gs.defined() ? gs.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gbp = gb.defined() ? gb.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gap = ga.defined() ? ga.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gmp = gm.defined() ? gm.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gip = gi.defined() ? gi.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* scp = sc.const_data_ptr<scalar_t>();
+    const scalar_t* mp = mn.const_data_ptr<scalar_t>();
+    const scalar_t* ip = is.const_data_ptr<scalar_t>();
+    scalar_t* dmean = grad_stats.mutable_data_ptr<scalar_t>();
+    scalar_t* dm2 = dmean + k;
+    scalar_t* dgamma = grad_gamma.mutable_data_ptr<scalar_t>();
+    const double half_over_n = 0.5 / static_cast<double>(count);
+    for (int64_t c = 0; c < k; ++c) {
+      const double g_s = gsp != nullptr ? static_cast<double>(gsp[c]) : 0.0;
+      const double g_b = gbp != nullptr ? static_cast<double>(gbp[c]) : 0.0;
+      const double inv = static_cast<double>(ip[c]);
+      const double t = g_s - g_b * static_cast<double>(mp[c]);
+      const double d_inv = t * (gap != nullptr ? static_cast<double>(gap[c]) : 1.0) +
+                           (gip != nullptr ? static_cast<double>(gip[c]) : 0.0);
+      dgamma[c] = static_cast<scalar_t>(t * inv);
+      dmean[c] = static_cast<scalar_t>(-g_b * static_cast<double>(scp[c]) +
+                                       (gmp != nullptr ? static_cast<double>(gmp[c]) : 0.0));
+      dm2[c] = static_cast<scalar_t>(-d_inv * inv * inv * inv * half_over_n);
+    }
+  });
+  return {grad_stats, grad_gamma};
+}
+
 void check_running(const at::Tensor& t, const char* name, int64_t k) {
   TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
   TORCH_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor");
@@ -724,6 +782,7 @@ TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {
   m.impl("bn_add_act_backward", &bn_add_act_backward_cpu);
   m.impl("stats_backward", &stats_backward_cpu);
   m.impl("bn_finalize", &bn_finalize_cpu);
+  m.impl("bn_finalize_backward", &bn_finalize_backward_cpu);
   m.impl("bn_update_running_stats", &bn_update_running_stats_cpu);
 }
 

@@ -562,6 +562,30 @@ __global__ void bn_finalize_kernel(const A* __restrict__ stats, int64_t channels
   }
 }
 
+template <typename A>
+__global__ void bn_finalize_backward_kernel(const A* __restrict__ grad_scale,
+                                            const A* __restrict__ grad_shift,
+                                            const A* __restrict__ grad_mean,
+                                            const A* __restrict__ grad_invstd,
+                                            const A* __restrict__ gamma, const A* __restrict__ scale,
+                                            const A* __restrict__ mean, const A* __restrict__ invstd,
+                                            int64_t channels, double half_over_n,
+                                            A* __restrict__ grad_stats, A* __restrict__ grad_gamma) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < channels;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const double g_s = grad_scale != nullptr ? static_cast<double>(grad_scale[c]) : 0.0;
+    const double g_b = grad_shift != nullptr ? static_cast<double>(grad_shift[c]) : 0.0;
+    const double inv = static_cast<double>(invstd[c]);
+    const double t = g_s - g_b * static_cast<double>(mean[c]);
+    const double d_inv = t * (gamma != nullptr ? static_cast<double>(gamma[c]) : 1.0) +
+                         (grad_invstd != nullptr ? static_cast<double>(grad_invstd[c]) : 0.0);
+    grad_gamma[c] = static_cast<A>(t * inv);
+    grad_stats[c] = static_cast<A>(-g_b * static_cast<double>(scale[c]) +
+                                   (grad_mean != nullptr ? static_cast<double>(grad_mean[c]) : 0.0));
+    grad_stats[channels + c] = static_cast<A>(-d_inv * inv * inv * inv * half_over_n);
+  }
+}
+
 // Launched as ONE block: every thread reads num_batches_tracked before thread 0 writes the
 // incremented value (a barrier orders them; across blocks nothing could).
 template <typename A, typename R>
@@ -888,6 +912,38 @@ cudaError_t bn_finalize(DType acc, const void* stats, int64_t channels, int64_t 
     return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
+}
+
+template <typename A>
+static cudaError_t launch_bn_finalize_backward(const void* grad_scale, const void* grad_shift,
+                                               const void* grad_mean, const void* grad_invstd,
+                                               const void* gamma, const void* scale, const void* mean,
+                                               const void* invstd, int64_t channels, int64_t count,
+                                               void* grad_stats, void* grad_gamma, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(min_<int64_t>(ceil_div(channels, kThreads), kMaxGridY));
+  bn_finalize_backward_kernel<A><<<blocks, kThreads, 0, stream>>>(
+      static_cast<const A*>(grad_scale), static_cast<const A*>(grad_shift), static_cast<const A*>(grad_mean),
+      static_cast<const A*>(grad_invstd), static_cast<const A*>(gamma),
+      static_cast<const A*>(scale), static_cast<const A*>(mean), static_cast<const A*>(invstd), channels,
+      0.5 / static_cast<double>(count), static_cast<A*>(grad_stats), static_cast<A*>(grad_gamma));
+  return cudaGetLastError();
+}
+
+cudaError_t bn_finalize_backward(DType acc, const void* grad_scale, const void* grad_shift,
+                                 const void* grad_mean, const void* grad_invstd,
+                                 const void* gamma, const void* scale, const void* mean,
+                                 const void* invstd, int64_t channels, int64_t count,
+                                 void* grad_stats, void* grad_gamma, cudaStream_t stream) {
+  if (channels <= 0) return cudaSuccess;
+  if (acc == DType::Float32) {
+    return launch_bn_finalize_backward<float>(grad_scale, grad_shift, grad_mean, grad_invstd, gamma, scale, mean, invstd, channels,
+                                              count, grad_stats, grad_gamma, stream);
+  }
+  if (acc == DType::Float64) {
+    return launch_bn_finalize_backward<double>(grad_scale, grad_shift, grad_mean, grad_invstd, gamma, scale, mean, invstd, channels,
+                                               count, grad_stats, grad_gamma, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t bn_update_running_stats(DType stats_dtype, const void* stats, int64_t channels,

@@ -446,6 +446,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda(
   return {scale, shift, save_mean, save_invstd};
 }
 
+std::tuple<at::Tensor, at::Tensor> bn_finalize_backward_cuda(
+    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& grad_shift,
+    const std::optional<at::Tensor>& grad_mean, const std::optional<at::Tensor>& grad_invstd,
+    const std::optional<at::Tensor>& gamma, const at::Tensor& scale, const at::Tensor& mean,
+    const at::Tensor& invstd, int64_t count) {
+  TORCH_CHECK(scale.dim() == 1, "scale: expected a (K,) tensor, got shape ", scale.sizes());
+  check_cuda(scale, "scale");
+  const int64_t k = scale.size(0);
+  const auto acc = scale.scalar_type();
+  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "scale: expected float32 or float64, got ", acc);
+  TORCH_CHECK(count >= 1, "count: expected >= 1, got ", count);
+  check_vector(mean, "mean", k, acc, scale.device());
+  check_vector(invstd, "invstd", k, acc, scale.device());
+  check_vector(grad_scale, "grad_scale", k, acc, scale.device());
+  check_vector(grad_shift, "grad_shift", k, acc, scale.device());
+  check_vector(grad_mean, "grad_mean", k, acc, scale.device());
+  check_vector(grad_invstd, "grad_invstd", k, acc, scale.device());
+  check_vector(gamma, "gamma", k, acc, scale.device());
+
+  c10::cuda::CUDAGuard guard(scale.device());
+  const at::Tensor gs = dense_vector(grad_scale), gb = dense_vector(grad_shift), ga = dense_vector(gamma);
+  const at::Tensor gm = dense_vector(grad_mean), gi = dense_vector(grad_invstd);
+  const at::Tensor sc = scale.contiguous(), mn = mean.contiguous(), is = invstd.contiguous();
+  at::Tensor grad_stats = at::empty({2, k}, scale.options());
+  at::Tensor grad_gamma = at::empty({k}, scale.options());
+  C10_CUDA_CHECK(fk::bn_finalize_backward(to_kernel_dtype(acc), ptr_or_null(gs), ptr_or_null(gb),
+                                          ptr_or_null(gm), ptr_or_null(gi), ptr_or_null(ga), sc.const_data_ptr(), mn.const_data_ptr(),
+                                          is.const_data_ptr(), k, count, grad_stats.data_ptr(),
+                                          grad_gamma.data_ptr(), current_stream()));
+  return {grad_stats, grad_gamma};
+}
+
 void check_running(const at::Tensor& t, const char* name, int64_t k, const at::Device& device) {
   TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
   TORCH_CHECK(t.device() == device, name, ": expected device ", device, " (same as stats), got ",
@@ -645,6 +677,7 @@ TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
   m.impl("conv_bn_act", &conv_bn_act_cuda);
   m.impl("conv_stats", &conv_stats_cuda);
   m.impl("bn_finalize", &bn_finalize_cuda);
+  m.impl("bn_finalize_backward", &bn_finalize_backward_cuda);
   m.impl("bn_update_running_stats", &bn_update_running_stats_cuda);
   m.impl("bn_add_act", &bn_add_act_cuda);
   m.impl("bn_add_act_backward", &bn_add_act_backward_cuda);

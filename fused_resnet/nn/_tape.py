@@ -175,9 +175,18 @@ class Tape:
             finally:
                 ctx.saved_tensors = ()
             for k, g in zip(in_keys, g_in, strict=True):
-                if k is not None and g is not None:
-                    prev = grads.get(k)
-                    grads[k] = g if prev is None else prev + g
+                if k is None or g is None:
+                    continue
+                prev = grads.get(k)
+                if prev is None:
+                    grads[k] = g
+                elif prev.dim() == 4:
+                    # An activation gradient used twice (a block's input: conv1 and the shortcut).
+                    # The formulas in fused_resnet.ops return every 4-D gradient freshly made and
+                    # for one input only, so it is ours to add into (autograd adds in place too).
+                    prev.add_(g)
+                else:
+                    grads[k] = prev + g  # (K,) vectors may be returned for two inputs at once
         return tuple(None if k is None else grads.get(k) for k in self.input_keys)
 
 

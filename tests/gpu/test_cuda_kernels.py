@@ -45,7 +45,7 @@ except Exception:  # pragma: no cover - keeps the module collectable while the p
     ref = None
 
 OPS = ("conv_bn_act", "conv_stats", "bn_finalize", "bn_update_running_stats", "bn_add_act",
-       "bn_add_act_backward", "stats_backward")
+       "bn_add_act_backward", "stats_backward", "bn_finalize_backward")
 
 
 def _has_cuda_kernels() -> bool:
@@ -319,6 +319,27 @@ def test_bn_finalize(acc, affine, k):
         assert_rule(a, e, acc, o, f"bn_finalize {name}")
     # Outputs must not alias the inputs (the reference's save_mean is a view of stats).
     assert out[2].data_ptr() != stats.data_ptr()
+
+
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("present", ["all", "scale_shift", "none_gamma"])
+@pytest.mark.parametrize("k", [1, 64, 2048, 1000])
+def test_bn_finalize_backward_matches_the_cpu_kernel(acc, present, k):
+    """Both compute in double and round once: equal up to the GPU's FMA contractions."""
+    count = 8 * 7 * 7
+    stats = torch.stack([torch.randn(k, dtype=torch.float64) * 5,
+                         torch.rand(k, dtype=torch.float64) * count * 3 + 1e-3]).to(acc)
+    gamma = None if present == "none_gamma" else torch.rand(k, dtype=acc) + 0.5
+    scale, _, mean, invstd = ops().bn_finalize(stats, count, gamma, None, 1e-5)
+    grads = [torch.randn(k, dtype=acc) for _ in range(4)]
+    if present != "all":
+        grads[2] = grads[3] = None
+    args = [*grads, gamma, scale, mean, invstd]
+    want = ops().bn_finalize_backward(*args, count)
+    got = ops().bn_finalize_backward(*[None if t is None else t.to(DEV) for t in args], count)
+    tol = dict(rtol=1e-6, atol=1e-6) if acc == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.cpu(), w, **tol)
 
 
 @pytest.mark.parametrize("running_dtype", DTYPES, ids=str)
