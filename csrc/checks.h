@@ -64,6 +64,28 @@ inline void check_vector(const c10::optional<at::Tensor>& v, const char* name, i
   if (v.has_value() && v->defined()) check_vector(*v, name, k, dtype, device);
 }
 
+// bn_finalize_backward's arguments (device-independent part; the caller checks scale's
+// device). Returns K.
+inline int64_t check_bn_finalize_backward(
+    const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& grad_shift,
+    const c10::optional<at::Tensor>& grad_mean, const c10::optional<at::Tensor>& grad_invstd,
+    const c10::optional<at::Tensor>& gamma, const at::Tensor& scale, const at::Tensor& mean,
+    const at::Tensor& invstd, int64_t count) {
+  TORCH_CHECK(scale.defined() && scale.dim() == 1, "scale: expected a (K,) tensor");
+  const int64_t k = scale.size(0);
+  const auto acc = scale.scalar_type();
+  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "scale: expected float32 or float64, got ", acc);
+  TORCH_CHECK(count >= 1, "count: expected >= 1, got ", count);
+  check_vector(mean, "mean", k, acc, scale.device());
+  check_vector(invstd, "invstd", k, acc, scale.device());
+  check_vector(grad_scale, "grad_scale", k, acc, scale.device());
+  check_vector(grad_shift, "grad_shift", k, acc, scale.device());
+  check_vector(grad_mean, "grad_mean", k, acc, scale.device());
+  check_vector(grad_invstd, "grad_invstd", k, acc, scale.device());
+  check_vector(gamma, "gamma", k, acc, scale.device());
+  return k;
+}
+
 // A (2, k) statistics tensor as produced by conv_stats.
 inline void check_stats(const at::Tensor& s, const char* name, int64_t k = -1) {
   TORCH_CHECK(s.defined(), name, ": expected a tensor, got None");

@@ -451,19 +451,10 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_backward_cuda(
     const std::optional<at::Tensor>& grad_mean, const std::optional<at::Tensor>& grad_invstd,
     const std::optional<at::Tensor>& gamma, const at::Tensor& scale, const at::Tensor& mean,
     const at::Tensor& invstd, int64_t count) {
-  TORCH_CHECK(scale.dim() == 1, "scale: expected a (K,) tensor, got shape ", scale.sizes());
-  check_cuda(scale, "scale");
-  const int64_t k = scale.size(0);
+  const int64_t k = check_bn_finalize_backward(grad_scale, grad_shift, grad_mean, grad_invstd, gamma, scale, mean,
+                                                 invstd, count);
   const auto acc = scale.scalar_type();
-  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "scale: expected float32 or float64, got ", acc);
-  TORCH_CHECK(count >= 1, "count: expected >= 1, got ", count);
-  check_vector(mean, "mean", k, acc, scale.device());
-  check_vector(invstd, "invstd", k, acc, scale.device());
-  check_vector(grad_scale, "grad_scale", k, acc, scale.device());
-  check_vector(grad_shift, "grad_shift", k, acc, scale.device());
-  check_vector(grad_mean, "grad_mean", k, acc, scale.device());
-  check_vector(grad_invstd, "grad_invstd", k, acc, scale.device());
-  check_vector(gamma, "gamma", k, acc, scale.device());
+  check_cuda(scale, "scale");
 
   c10::cuda::CUDAGuard guard(scale.device());
   const at::Tensor gs = dense_vector(grad_scale), gb = dense_vector(grad_shift), ga = dense_vector(gamma);
