@@ -89,7 +89,8 @@ class _FusedBlockMixin:
 
     def _tape_tensors(self, x: Tensor) -> list[Tensor] | None:
         """The tensors of a taped training forward (input, then each unit's weight, BN weight and
-        bias), or None when this call may not run on a tape (:mod:`fused_resnet.nn._tape`)."""
+        bias), or None when this call may not run on a tape (:mod:`fused_resnet.nn._tape`). When it
+        may, the backend decisions of the taped ops are recorded (``backends.last_decision``)."""
         units = [(getattr(self, conv), getattr(self, norm)) for conv, norm in self._units]
         if self.residual and self.downsample is not None:
             parts = split_downsample(self.downsample)
