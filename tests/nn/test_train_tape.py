@@ -253,3 +253,25 @@ def test_nothing_needs_grad_in_train_mode(monkeypatch):
     monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "0")
     torch.testing.assert_close(y, blk2(x), rtol=0, atol=0)
     torch.testing.assert_close(blk.bn1.running_mean, blk2.bn1.running_mean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing_of_a_taped_block(use_reentrant, monkeypatch):
+    """torch.utils.checkpoint over a taped block (the non-reentrant kind replays the tape's saved
+    tensors through saved-tensor hooks): the same gradients as without checkpointing."""
+    import copy
+
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "1")
+    blk, x = _block()
+    g = torch.randn(3, 32, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = {}
+    for ckpt in (False, True):
+        m = copy.deepcopy(blk)
+        xx = x.clone().requires_grad_()
+        y = checkpoint(m, xx, use_reentrant=use_reentrant) if ckpt else m(xx)
+        y.backward(g)
+        out[ckpt] = [xx.grad] + [p.grad for p in m.parameters()]
+    for a, b in zip(out[True], out[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
