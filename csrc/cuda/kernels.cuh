@@ -95,8 +95,9 @@ cudaError_t bn_finalize(DType acc, const void* stats, int64_t channels, int64_t 
 // gradients of scale, shift, save_mean and save_invstd (any may be null = 0); gamma may be
 // null (1). Same dtype rules as bn_finalize; computed in double, rounded once.
 cudaError_t bn_finalize_backward(DType acc, const void* grad_scale, const void* grad_shift,
-                                 const void* grad_mean, const void* grad_invstd, const void* gamma, const void* scale, const void* mean,
-                                 const void* invstd, int64_t channels, int64_t count,
+                                 const void* grad_mean, const void* grad_invstd, const void* gamma,
+                                 const void* scale, const void* mean, const void* invstd,
+                                 int64_t channels, int64_t count,
                                  void* grad_stats, void* grad_gamma, cudaStream_t stream);
 
 // nn.BatchNorm2d's running-stats update, in place. Increments *num_batches_tracked first

@@ -463,8 +463,9 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_backward_cuda(
   at::Tensor grad_stats = at::empty({2, k}, scale.options());
   at::Tensor grad_gamma = at::empty({k}, scale.options());
   C10_CUDA_CHECK(fk::bn_finalize_backward(to_kernel_dtype(acc), ptr_or_null(gs), ptr_or_null(gb),
-                                          ptr_or_null(gm), ptr_or_null(gi), ptr_or_null(ga), sc.const_data_ptr(), mn.const_data_ptr(),
-                                          is.const_data_ptr(), k, count, grad_stats.data_ptr(),
+                                          ptr_or_null(gm), ptr_or_null(gi), ptr_or_null(ga),
+                                          sc.const_data_ptr(), mn.const_data_ptr(), is.const_data_ptr(),
+                                          k, count, grad_stats.data_ptr(),
                                           grad_gamma.data_ptr(), current_stream()));
   return {grad_stats, grad_gamma};
 }

@@ -13,7 +13,7 @@ records, per op, the same context the op's registered autograd would save (the `
 functions of :mod:`fused_resnet.ops`); the block's backward replays the tape in reverse through
 the same backward formulas (``fused_resnet.ops``). Same kernels, same formulas, same results.
 
-Where it applies (:func:`tape_ready` per call, the module's ``_tape_units`` per block): grad mode
+Where it applies (:func:`tape_ready` per call, the module's ``_tape_tensors`` per block): grad mode
 on, not under ``torch.compile`` tracing, :func:`fused_resnet.backends.trace`, or
 ``FUSED_RESNET_FAST_TRAIN=0``; every unit in batch mode with a plain ``BatchNorm2d`` (not
 ``SyncBatchNorm``: its gather has its own autograd) and a bias-free conv; a downsample that is a
@@ -25,7 +25,6 @@ not supported (as for the ops).
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -34,11 +33,9 @@ from torch import Tensor, nn
 from .. import backends
 from .. import functional as F
 from .. import ops as _ops
-from ._fusion import BATCH, norm_mode
+from ._fusion import _PLAN_BACKENDS, BATCH, _below_autograd, norm_mode
 
 FAST_TRAIN_ENV = "FUSED_RESNET_FAST_TRAIN"
-_TAPE_BACKENDS = ("cpu", "cuda")
-_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
 
 
 def tape_ready(x) -> bool:
@@ -222,4 +219,5 @@ def unit_ok(conv, bn, acc: torch.dtype) -> bool:
 def decide(x: Tensor, backend: str | None) -> list[backends.Decision] | None:
     """The decisions for a taped call's ops, or None when any of them is not a C++ backend."""
     decisions = [backends.choose(op, x.device, x.dtype, backend) for op in ("conv_stats", "bn_finalize", "bn_add_act")]
-    return decisions if all(d.backend in _TAPE_BACKENDS for d in decisions) else None
+    # the C++ backends, whose ops check their own arguments (as for eval plans)
+    return decisions if all(d.backend in _PLAN_BACKENDS for d in decisions) else None
