@@ -3,7 +3,9 @@
 // RuntimeError the user can act on. Header-only; include after ATen.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
@@ -144,6 +146,28 @@ inline void check_residual(const c10::optional<at::Tensor>& r, const char* name,
   check_activation(*r, name);
   check_like(*r, name, ref, ref_name);
   TORCH_CHECK(r->sizes() == out_shape, name, ": expected shape ", out_shape, ", got ", r->sizes());
+}
+
+// conv_bn_act_residual_'s residual: required, shaped like the output, and written while x and
+// weight are read, so it may not share memory with them (nor with itself, e.g. an expanded
+// tensor). The op has no autograd: asking it for a gradient is an error, not a silent detach.
+inline void check_residual_inplace(const at::Tensor& residual, at::IntArrayRef out_shape,
+                                   const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& scale, const at::Tensor& shift) {
+  TORCH_CHECK(residual.defined(), "residual: expected a tensor (the output is written into it), got None");
+  check_residual(residual, "residual", out_shape, x, "x");
+  TORCH_CHECK(at::has_internal_overlap(residual) != at::MemOverlap::Yes,
+              "residual: expected a tensor whose elements do not share memory (it is written in place), "
+              "got strides ", residual.strides());
+  TORCH_CHECK(at::get_overlap_status(residual, x) == at::MemOverlapStatus::No,
+              "residual: must not share memory with x (the convolution reads x while residual is written)");
+  TORCH_CHECK(at::get_overlap_status(residual, weight) == at::MemOverlapStatus::No,
+              "residual: must not share memory with weight");
+  const bool wants_grad = x.requires_grad() || weight.requires_grad() || scale.requires_grad() ||
+                          shift.requires_grad() || residual.requires_grad();
+  TORCH_CHECK(!(at::GradMode::is_enabled() && wants_grad),
+              "conv_bn_act_residual_: inference only (no autograd); an input requires grad with grad mode "
+              "on -- use conv_bn_act, or run under torch.no_grad()");
 }
 
 }  // namespace fused_resnet

@@ -26,6 +26,13 @@ TORCH_LIBRARY(fused_resnet, m) {
   m.def(
       "conv_bn_act(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
+  // conv_bn_act whose result overwrites residual (in place; returns nothing):
+  // residual = act(conv(x, weight) * scale + shift + residual). For inference code that owns
+  // residual and has no further use for it (a block's shortcut): no new output buffer. residual
+  // must not overlap x or weight; no autograd (an error when a gradient would be needed).
+  m.def(
+      "conv_bn_act_residual_(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor(a!) residual, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> ()");
   // z = conv(act_in(x * in_scale + in_shift), weight); stats = per-channel (mean, M2) of z.
   // Zero padding applies to the transformed input.
   m.def(

@@ -27,7 +27,7 @@ REBUILD_HINT = (
     "(or `pip install --no-build-isolation -e .` for a development install)"
 )
 
-OPS = ("conv_bn_act", "conv_stats", "bn_finalize", "bn_update_running_stats", "bn_add_act",
+OPS = ("conv_bn_act", "conv_bn_act_residual_", "conv_stats", "bn_finalize", "bn_update_running_stats", "bn_add_act",
        "bn_add_act_backward", "stats_backward", "bn_finalize_backward")
 
 _C = None  # the loaded module, or None

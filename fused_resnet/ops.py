@@ -16,7 +16,10 @@ For every ``torch.ops.fused_resnet.*`` op this module registers:
   as autocast does); per-channel vectors stay float32.
 
 ``bn_update_running_stats`` mutates its buffers and has no autograd (running statistics never
-need gradients). Nothing here runs when ``_C`` is not loaded: then the functional API uses the
+need gradients). ``conv_bn_act_residual_`` (``conv_bn_act`` written into its residual, for eval
+plans) mutates its residual and has no autograd either: its kernels refuse a call that would need a
+gradient, and it has no autocast rule (a cast residual would be a copy, and the write would be
+lost). Nothing here runs when ``_C`` is not loaded: then the functional API uses the
 reference implementation directly.
 """
 
@@ -66,6 +69,10 @@ def _op(name: str):
 def _fake_conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
     p, q = conv_out_hw(x.shape[2], x.shape[3], weight, stride, padding, dilation)
     return _empty_cl((x.shape[0], weight.shape[0], p, q), x)
+
+
+def _fake_conv_bn_act_residual_(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
+    return None
 
 
 def _fake_conv_stats(x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups):
@@ -303,6 +310,7 @@ def register() -> bool:
         return False
     fakes = {
         "conv_bn_act": _fake_conv_bn_act,
+        "conv_bn_act_residual_": _fake_conv_bn_act_residual_,
         "conv_stats": _fake_conv_stats,
         "bn_finalize": _fake_bn_finalize,
         "bn_update_running_stats": _fake_bn_update_running_stats,

@@ -79,6 +79,23 @@ def conv_bn_act(
     return _act(y, relu).to(x.dtype).contiguous(memory_format=_CL)
 
 
+def conv_bn_act_residual_(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Tensor,
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    groups: int = 1,
+    relu: bool = True,
+) -> None:
+    """:func:`conv_bn_act` with ``residual`` written in place with the result:
+    ``residual[:] = relu?(conv(x, weight) * scale + shift + residual)``. Returns None."""
+    residual.copy_(conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu))
+
+
 def conv_stats(
     x: Tensor,
     weight: Tensor,

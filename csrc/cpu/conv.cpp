@@ -324,6 +324,29 @@ at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   return y;
 }
 
+// conv_bn_act into residual's memory. float32 with a channels_last-contiguous residual: one
+// oneDNN convolution accumulating into it ("sum" post-op, no output buffer); otherwise (other
+// dtypes, another layout, oneDNN off or refusing) the result is computed as conv_bn_act
+// computes it and copied in -- the same values, one more pass.
+void conv_bn_act_residual_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                              const at::Tensor& shift, const at::Tensor& residual, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+  const ConvGeometry geo = check_conv(x, weight, stride, padding, dilation, groups);
+  check_cpu(x, "x");
+  const int64_t k = weight.size(0);
+  const auto acc = acc_dtype(x.scalar_type());
+  check_vector(scale, "scale", k, acc, x.device());
+  check_vector(shift, "shift", k, acc, x.device());
+  check_residual_inplace(residual, geo.out_shape, x, weight, scale, shift);
+  mark_modified(residual);  // before writing: throws for an inference tensor outside inference mode
+  if (residual.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    const at::Tensor done = conv_bn_act_onednn(channels_last_input(x), weight, scale, shift, residual, stride,
+                                               padding, dilation, groups, relu, /*into_residual=*/true);
+    if (done.defined()) return;
+  }
+  residual.copy_(conv_bn_act_cpu(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu));
+}
+
 std::tuple<at::Tensor, at::Tensor> conv_stats_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& in_scale,
     const c10::optional<at::Tensor>& in_shift, bool in_relu, at::IntArrayRef stride,
@@ -349,6 +372,7 @@ std::tuple<at::Tensor, at::Tensor> conv_stats_cpu(
 
 TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {
   m.impl("conv_bn_act", &conv_bn_act_cpu);
+  m.impl("conv_bn_act_residual_", &conv_bn_act_residual_cpu);
   m.impl("conv_stats", &conv_stats_cpu);
 }
 

@@ -120,10 +120,13 @@ void affine_add_act(const at::Tensor& out, const at::Tensor& z, const at::Tensor
 // (undefined when absent): channels_last-contiguous; scale, shift: (K,) float32. Returns the
 // channels_last result, or an undefined tensor when the fast path does not apply (dtype other
 // than float32, empty tensors, oneDNN missing/disabled/rejecting the call, or
-// FUSED_RESNET_CPU_ONEDNN=0); the caller then runs the unfused path.
+// FUSED_RESNET_CPU_ONEDNN=0); the caller then runs the unfused path. into_residual: the result
+// is accumulated into residual's memory (defined, channels_last-contiguous, not overlapping x)
+// and residual is returned.
 at::Tensor conv_bn_act_onednn(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                               const at::Tensor& shift, const at::Tensor& residual, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu);
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
+                              bool into_residual = false);
 
 }  // namespace cpu
 }  // namespace fused_resnet

@@ -8,6 +8,10 @@
 // * ReLU is oneDNN's "relu" eltwise post-op; the shortcut is its "add" binary post-op followed
 //   by "relu" (mkldnn::_convolution_pointwise and its .binary overload, the ops Inductor's
 //   freezing path emits). The result is written once, channels_last.
+// * conv_bn_act_residual_ (into_residual): the shortcut is instead oneDNN's "sum" post-op,
+//   accumulating into the residual's own memory (mkldnn::_convolution_pointwise_.binary, what
+//   Inductor emits when it knows the residual is dead), so no output buffer is allocated: a fresh
+//   25.7 MB buffer (ResNet-50 layer1, batch 8) costs its page faults inside the convolution.
 // * The folded weight is reordered into oneDNN's blocked layout for this input shape
 //   (mkldnn::_reorder_convolution_weight) and cached, so the per-call weight reorder disappears.
 //
@@ -73,6 +77,7 @@ constexpr size_t kMaxEntries = 1024;
 struct OneDnnOps {
   c10::OperatorHandle pointwise;  // mkldnn::_convolution_pointwise
   c10::OperatorHandle binary;     // mkldnn::_convolution_pointwise.binary
+  c10::OperatorHandle binary_;    // mkldnn::_convolution_pointwise_.binary (in place into `other`)
   c10::OperatorHandle reorder;    // mkldnn::_reorder_convolution_weight
 };
 
@@ -83,13 +88,14 @@ const OneDnnOps* onednn_ops() {
     auto a = d.findSchema({"mkldnn::_convolution_pointwise", ""});
     auto b = d.findSchema({"mkldnn::_convolution_pointwise", "binary"});
     auto c = d.findSchema({"mkldnn::_reorder_convolution_weight", ""});
-    if (!a || !b || !c) return std::nullopt;
+    auto e = d.findSchema({"mkldnn::_convolution_pointwise_", "binary"});
+    if (!a || !b || !c || !e) return std::nullopt;
     const auto cpu = c10::DispatchKey::CPU;
     if (!a->hasKernelForDispatchKey(cpu) || !b->hasKernelForDispatchKey(cpu) ||
-        !c->hasKernelForDispatchKey(cpu)) {
+        !c->hasKernelForDispatchKey(cpu) || !e->hasKernelForDispatchKey(cpu)) {
       return std::nullopt;
     }
-    return OneDnnOps{*a, *b, *c};
+    return OneDnnOps{*a, *b, *e, *c};
   }();
   return ops ? &*ops : nullptr;
 }
@@ -215,7 +221,8 @@ at::Tensor packed_weight(const OneDnnOps& ops, const at::Tensor& x, const at::Te
 
 at::Tensor conv_bn_act_onednn(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                               const at::Tensor& shift, const at::Tensor& residual, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
+                              bool into_residual) {
   if (x.scalar_type() != at::kFloat || x.numel() == 0 || weight.numel() == 0 || disabled_by_env()) {
     return {};
   }
@@ -240,8 +247,9 @@ at::Tensor conv_bn_act_onednn(const at::Tensor& x, const at::Tensor& weight, con
                              : packed_weight(*ops, x, weight, scale, stride, padding, dilation, groups);
     torch::jit::Stack stack;
     stack.reserve(13);
+    if (into_residual) stack.emplace_back(residual);  // the in-place overload takes `other` first
     stack.emplace_back(x);
-    if (residual.defined()) stack.emplace_back(residual);
+    if (residual.defined() && !into_residual) stack.emplace_back(residual);
     stack.emplace_back(w);
     stack.emplace_back(shift.contiguous());  // the bias; oneDNN reads it as a dense vector
     stack.emplace_back(vec(padding));
@@ -257,6 +265,10 @@ at::Tensor conv_bn_act_onednn(const at::Tensor& x, const at::Tensor& weight, con
     }
     stack.emplace_back(c10::List<std::optional<at::Scalar>>());  // post-op scalars
     stack.emplace_back(c10::IValue());                            // post-op algorithm
+    if (into_residual) {
+      ops->binary_.callBoxed(&stack);
+      return residual;
+    }
     (residual.defined() ? ops->binary : ops->pointwise).callBoxed(&stack);
     return canonical_channels_last(stack[0].toTensor());
   } catch (const c10::Error& err) {

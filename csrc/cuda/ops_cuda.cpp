@@ -367,6 +367,19 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const
   return y;
 }
 
+// conv_bn_act into residual's memory. Computed as conv_bn_act computes it and copied in (no
+// in-place epilogue on CUDA yet: the eval plans use this op on the CPU backend only).
+void conv_bn_act_residual_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                               const at::Tensor& shift, const at::Tensor& residual, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+  check_cuda(x, "x");
+  const ConvGeometry geo = check_conv(x, weight, stride, padding, dilation, groups);
+  check_residual_inplace(residual, geo.out_shape, x, weight, scale, shift);
+  at::Tensor y = conv_bn_act_cuda(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu);
+  mark_modified(residual);
+  residual.copy_(y);
+}
+
 std::tuple<at::Tensor, at::Tensor> conv_stats_cuda(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& in_scale,
     const std::optional<at::Tensor>& in_shift, bool in_relu, at::IntArrayRef stride,
@@ -667,6 +680,7 @@ at::Tensor stats_backward_cuda(const at::Tensor& grad_z, const at::Tensor& grad_
 
 TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
   m.impl("conv_bn_act", &conv_bn_act_cuda);
+  m.impl("conv_bn_act_residual_", &conv_bn_act_residual_cuda);
   m.impl("conv_stats", &conv_stats_cuda);
   m.impl("bn_finalize", &bn_finalize_cuda);
   m.impl("bn_finalize_backward", &bn_finalize_backward_cuda);

@@ -132,27 +132,39 @@ class _FusedBlockMixin:
             units.append((parts[1], parts[2], self._fold_caches["downsample"]))
         return EvalPlan.build(key, x, units, self.backend)
 
-    def _run_plan(self, plan: EvalPlan, x: Tensor) -> Tensor:
-        """The fold-mode forward through ``plan`` (same calls as the ordinary path)."""
+    def _run_plan(self, plan: EvalPlan, x: Tensor, owned: bool = False) -> Tensor:
+        """The fold-mode forward through ``plan`` (same calls as the ordinary path). The block end
+        writes into its shortcut when nothing else can read it (see "Writing into a dead residual"
+        in :mod:`fused_resnet.nn._fusion`): the projection's output, made here, always; the
+        identity shortcut ``x`` only when ``owned`` (the caller holds the only reference)."""
         last = len(self._units) - 1
         a = x
         for i in range(last):
             a = plan.conv(i, a)
-        if not self.residual:
-            res = None
-        elif self.downsample is None:
-            res = x
-        else:
-            parts = split_downsample(self.downsample)
-            if parts is None:
-                res = self.downsample(x)
-            else:
-                res = x
-                for m in parts[0]:
-                    res = m(res)
-                res = plan.conv(last + 1, res, relu=False)
         plan.record()
-        return plan.conv(last, a, res)
+        if not self.residual:
+            return plan.conv(last, a, None)
+        if self.downsample is None:
+            return plan.conv_into(last, a, x) if owned else plan.conv(last, a, x)
+        parts = split_downsample(self.downsample)
+        if parts is None:  # a foreign module: its output may be anything, x included
+            return plan.conv(last, a, self.downsample(x))
+        res = x
+        for m in parts[0]:
+            res = m(res)
+        return plan.conv_into(last, a, plan.conv(last + 1, res, relu=False))
+
+    def _forward_owned(self, x: Tensor) -> Tensor:
+        """``forward(x)`` for a caller that holds the only reference to ``x`` and runs no hooks
+        (``FusedModelMixin._stage``): an eval plan may then write the block's output into ``x``."""
+        key = self._plan_key(x)
+        slot = getattr(self, "_plan_slot", None)
+        if key is not None and slot is not None:
+            plan = slot.plan
+            if plan is not None and plan.key == key:
+                _fusion.check_input(x, self.in_channels, type(self).__name__)
+                return self._run_plan(plan, x, owned=True)
+        return self.forward(x)
 
     def forward(self, x: Tensor) -> Tensor:
         _fusion.check_input(x, self.in_channels, type(self).__name__)

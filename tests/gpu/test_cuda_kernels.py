@@ -107,6 +107,24 @@ def test_conv_bn_act(case, dtype, residual, relu):
     assert_rule(y, expected, dtype, eager, f"conv_bn_act {case}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [RESNET50[1], RESNET50[3], ODD[1]], ids=str)
+def test_conv_bn_act_residual_writes_conv_bn_act_into_the_residual(case, dtype):
+    """CUDA computes it out of place and copies: exactly conv_bn_act's result, in residual's memory."""
+    x, w = conv_inputs(case, dtype)
+    scale, shift = vec(case.k, dtype, positive=True), vec(case.k, dtype)
+    res = rand(case.n, case.k, *case.out_hw(), dtype=dtype)
+    expected = ops().conv_bn_act(x, w, scale, shift, res, *case.args, True)
+    ptr, version = res.data_ptr(), res._version
+    assert ops().conv_bn_act_residual_(x, w, scale, shift, res, *case.args, True) is None
+    assert res.data_ptr() == ptr and res._version > version
+    assert torch.equal(res, expected)
+    with pytest.raises(RuntimeError, match="residual: must not share memory with x"):
+        sq = rand(2, 8, 6, 6, dtype=dtype)
+        ops().conv_bn_act_residual_(sq, rand(8, 8, 3, 3, dtype=dtype), vec(8, dtype), vec(8, dtype), sq,
+                                    [1, 1], [1, 1], [1, 1], 1, True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_conv_bn_act_any_input_layout(dtype):
     """NCHW x / residual, strided vectors and misaligned (scalar-path) tensors all work."""

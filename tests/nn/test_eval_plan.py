@@ -11,7 +11,7 @@ import pickle
 import pytest
 import torch
 import torchvision
-from conftest import randomize_norms, run_in_threads
+from conftest import OpRecorder, assert_matches, randomize_norms, run_in_threads
 from torch import nn
 
 import fused_resnet
@@ -73,6 +73,9 @@ def _ordinary(module, x, monkeypatch):
 
 
 def test_plan_is_used_and_matches_the_ordinary_path_bitwise(monkeypatch):
+    # Bitwise with the block end written out of place, as the ordinary path writes it; writing into
+    # the dead projection output (oneDNN's sum post-op) rounds differently: see the next test.
+    monkeypatch.setenv(_fusion.INPLACE_ENV, "0")
     tv = _tv_bottleneck()
     fused = fnn.Bottleneck.from_module(copy.deepcopy(tv))
     calls = CountFunctional(monkeypatch)
@@ -422,3 +425,128 @@ def test_unfusable_modules_under_no_grad(monkeypatch):
             torch.testing.assert_close(fused(x), blk(x))
             torch.testing.assert_close(cba(x), torch.relu(cba.conv(x)))
     assert fused._plan_slot.plan is None and cba._plan_slot.plan is None
+
+
+# ----------------------------------------------------------------------------- dead residuals
+# (fused_resnet.nn._fusion, "Writing into a dead residual")
+
+INTO = "fused_resnet.conv_bn_act_residual_"
+
+
+def _plan_forward_ops(module, x):
+    """The ops of a plan forward (the first forward builds the plans) and its output."""
+    with torch.no_grad():
+        module(x)
+        with OpRecorder() as rec:
+            y = module(x)
+    return rec.ops, y
+
+
+def test_projection_block_end_writes_into_its_own_shortcut(monkeypatch):
+    tv = _tv_bottleneck()
+    fused = fnn.Bottleneck.from_module(copy.deepcopy(tv))
+    x = _x(2, 64, 15, 13)
+    x_before = x.clone()
+    ops, y = _plan_forward_ops(fused, x)
+    assert ops.count(INTO) == 1 and ops.count("fused_resnet.conv_bn_act") == 3
+    assert torch.equal(x, x_before), "the block input is not the projection's shortcut: never written"
+    out_of_place = _ordinary(fused, x, monkeypatch)
+    assert_matches(y, out_of_place.double(), torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(y, tv(x), rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv(_fusion.INPLACE_ENV, "0")
+    ops, y_off = _plan_forward_ops(fused, x)
+    assert ops.count(INTO) == 0
+    assert torch.equal(y_off, out_of_place)
+
+
+def test_identity_block_called_by_the_user_never_writes_its_input():
+    tv = torchvision.models.resnet.Bottleneck(64, 16)
+    randomize_norms(tv, 3)
+    fused = fnn.Bottleneck.from_module(copy.deepcopy(tv.eval()))
+    x = _x(2, 64, 9, 9)
+    x_before = x.clone()
+    ops, y = _plan_forward_ops(fused, x)
+    assert ops.count(INTO) == 0
+    assert torch.equal(x, x_before)
+    with torch.no_grad():
+        torch.testing.assert_close(y, tv(x), rtol=1e-4, atol=1e-4)
+
+
+def _model_pair(build=resnet50, seed=11):
+    tv = getattr(torchvision.models, build.__name__)()
+    randomize_norms(tv, seed)
+    fused = build()
+    fused.load_state_dict(tv.state_dict())
+    return tv.eval(), fused.eval()
+
+
+def test_model_stages_write_each_block_end_into_the_previous_output(monkeypatch):
+    tv, fused = _model_pair()
+    x = _x(2, 3, 40, 32)
+    x_before = x.clone()
+    ops, y = _plan_forward_ops(fused, x)
+    # ResNet-50: 4 projection blocks (own shortcut) + 12 identity blocks after a stage's first.
+    assert ops.count(INTO) == 16
+    assert torch.equal(x, x_before)
+    with torch.no_grad():
+        expected = tv(x)
+    torch.testing.assert_close(y, expected, rtol=1e-3, atol=1e-3)
+    monkeypatch.setenv(_fusion.INPLACE_ENV, "0")
+    ops, y_off = _plan_forward_ops(fused, x)
+    assert ops.count(INTO) == 0
+    assert_matches(y, y_off.double(), torch.float32)
+
+
+@pytest.mark.parametrize("where", ["block", "stage", "global"])
+def test_a_hook_keeps_every_tensor_it_can_see_intact(where):
+    """A hook may keep a block's input or output; then nothing it can see may be overwritten."""
+    tv, fused = _model_pair()
+    seen = []
+
+    def keep(module, args, output):
+        seen.append((output, output.clone()))
+
+    target = {"block": fused.layer1[0], "stage": fused.layer2}.get(where)
+    handle = (target.register_forward_hook(keep) if target is not None
+              else nn.modules.module.register_module_forward_hook(
+                  lambda m, a, o: keep(m, a, o) if isinstance(m, fnn.Bottleneck) else None))
+    try:
+        ops, y = _plan_forward_ops(fused, _x(2, 3, 40, 32))
+    finally:
+        handle.remove()
+    # A block hook or a stage hook turns it off in that stage only; a global hook everywhere
+    # (the projections' own temporaries are still written: no hook can see them).
+    assert ops.count(INTO) == {"block": 14, "stage": 13, "global": 4}[where]
+    assert seen
+    for kept, copy_at_the_time in seen:
+        assert torch.equal(kept, copy_at_the_time)
+
+
+def test_stage_runner_leaves_subclassed_blocks_and_other_dtypes_alone():
+    class MyBlock(fnn.Bottleneck):
+        def forward(self, x):
+            return super().forward(x) * 1.0
+
+    _, fused = _model_pair()
+    fused.layer1[1].__class__ = MyBlock
+    ops, _ = _plan_forward_ops(fused, _x(2, 3, 40, 32))
+    assert ops.count(INTO) == 14  # layer1's identity blocks run as called
+    _, fused = _model_pair()
+    fused = fused.to(torch.bfloat16)
+    ops, _ = _plan_forward_ops(fused, _x(1, 3, 32, 32).to(torch.bfloat16))
+    assert ops.count(INTO) == 0  # out of place + copy would be slower than out of place
+
+
+def test_cifar_models_use_it_too():
+    from fused_resnet.models import cifar_resnet
+
+    fused = cifar_resnet(20, shortcut="B").eval()
+    randomize_norms(fused, 5)
+    ref = cifar_resnet(20, shortcut="B").eval()
+    ref.load_state_dict(fused.state_dict())
+    x = _x(2, 3, 16, 16)
+    ops, y = _plan_forward_ops(fused, x)
+    assert ops.count(INTO) == 2 + 3 * 2  # two projections, two identity blocks after each stage's first
+    with torch.no_grad():
+        torch.testing.assert_close(y, ref.to(torch.float64)(x.double()).float(), rtol=1e-3, atol=1e-3)
