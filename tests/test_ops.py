@@ -153,8 +153,8 @@ def test_bn_finalize_backward_rejects_bad_vectors():
 
 
 def test_compiled_kernels_registered_for_cpu():
-    for name in ("conv_bn_act", "conv_bn_act_residual_", "conv_stats", "bn_finalize", "bn_update_running_stats", "bn_add_act",
-                 "bn_add_act_backward", "stats_backward", "bn_finalize_backward"):
+    for name in ("conv_bn_act", "conv_bn_act_residual_", "conv_stats", "bn_finalize", "bn_update_running_stats",
+                 "bn_add_act", "bn_add_act_backward", "stats_backward", "bn_finalize_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet::{name}", "CPU"), name
 
 
