@@ -108,6 +108,11 @@ Decisions
   meaning changes: a hook on the conv sees the whole conv+BN+ReLU output, a hook on the BN sees
   its input unchanged (the BN is a no-op there). The report's reason names carried and changed
   hooks.
+* **Stages.** An ``nn.Sequential`` (the exact class) whose children are all fused blocks (a
+  ResNet's ``layer1`` ... ``layer4``) becomes a :class:`fused_resnet.nn.Stage` by a class swap (same
+  object, children and keys; ``unfuse`` swaps back): in eval plans each block after the first may
+  then write its output into its input, which only the stage holds (no hooks on the blocks, no
+  global hooks). It is not a report entry (nothing is fused by it).
 * **convert_sync_batchnorm after fuse.** :func:`fused_resnet.nn.convert_sync_batchnorm` converts
   a fused model too: blocks' adopted BNs become ``SyncBatchNorm``, a stem's
   :class:`FoldedBatchNorm2d` becomes a :class:`FoldedSyncBatchNorm` (same parameters), and the
@@ -142,6 +147,7 @@ __all__ = [
 
 _SYNC_NOTE = "SyncBatchNorm: batch statistics synchronized across its process group (sync_stats)"
 _ORIGINAL = "_fused_resnet_original"  # fused block -> the block object it replaced (not registered)
+_STAGE = "_fused_resnet_stage"  # Stage made by fuse -> the class it had (nn.Sequential)
 _STEM = "_fused_resnet_stem"  # FusedConv2d -> _StemState (not registered)
 
 
@@ -681,6 +687,11 @@ class _Fuser:
                 self.done.add(id(fused))
             elif not isinstance(child, (FusedConv2d, FoldedReLU)):
                 self.visit(child, qual)
+        fnn = sys.modules.get("fused_resnet.nn")
+        if (fnn is not None and type(module) is nn.Sequential and len(module) > 1
+                and all(isinstance(c, (fnn.BasicBlock, fnn.Bottleneck)) for c in module)):
+            module.__dict__[_STAGE] = nn.Sequential
+            object.__setattr__(module, "__class__", fnn.Stage)
 
 
 @contextlib.contextmanager
@@ -799,6 +810,8 @@ def _restore_block(fused: nn.Module) -> nn.Module:
 
 def _restore_stems(model: nn.Module) -> None:
     for m in list(model.modules()):
+        if _STAGE in m.__dict__:
+            object.__setattr__(m, "__class__", m.__dict__.pop(_STAGE))
         if isinstance(m, FusedConv2d):
             st: _StemState = m.__dict__.pop(_STEM)
             object.__setattr__(m, "__class__", m.__dict__.pop(_ORIGINAL))

@@ -21,6 +21,7 @@ from torchvision.ops import FrozenBatchNorm2d
 import fused_resnet.nn as fnn
 from fused_resnet import backends
 from fused_resnet.convert import FoldedBatchNorm2d, FoldedReLU, FoldedSyncBatchNorm, FusedConv2d, fuse, unfuse
+from fused_resnet.functional import compiled_ops_available
 
 timm = pytest.importorskip("timm")
 
@@ -658,3 +659,39 @@ def test_hooks_are_carried_to_fused_blocks_and_back(x32):
     with torch.no_grad():
         back(x32)
     assert len(seen["fwd"]) == 4
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@pytest.mark.skipif(not compiled_ops_available(), reason="eval plans run the C++ ops")
+def test_stages_become_stage_and_write_block_ends_in_place(x48):
+    from conftest import OpRecorder
+
+    torch.manual_seed(0)
+    model = randomize_bn(tv.resnet50(num_classes=10)).eval()
+    fused, _ = fuse(model, backend="cpu")
+    assert [type(getattr(fused, f"layer{i}")) for i in range(1, 5)] == [fnn.Stage] * 4
+    assert type(model.layer1) is nn.Sequential  # fuse copied
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = x48.contiguous(memory_format=CL)
+    with torch.no_grad():
+        fused(x)  # builds the plans
+        with OpRecorder() as rec:
+            y = fused(x)
+        expected = model(x)
+    # 4 projection blocks (their own shortcut) + 12 identity blocks after each stage's first
+    assert rec.ops.count("fused_resnet.conv_bn_act_residual_") == 16
+    assert_close_rel(y, expected, 2e-5, "eval output")
+    back = unfuse(fused)
+    assert [type(getattr(back, f"layer{i}")) for i in range(1, 5)] == [nn.Sequential] * 4
+    assert module_types(back) == module_types(model)
+
+
+def test_a_sequential_that_is_not_all_blocks_stays_sequential():
+    model = nn.Sequential(tv.BasicBlock(8, 8), nn.ReLU(), tv.BasicBlock(8, 8))
+    fused, report = fuse(model)
+    assert report.counts == {"fused": 2, "skipped": 0}
+    assert type(fused) is nn.Sequential
+    single = nn.Sequential(tv.BasicBlock(8, 8))
+    assert type(fuse(single).model) is nn.Sequential  # one block: nothing to hand on

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..nn import _fusion, _onednn_stem
 from ..nn._fusion import Act, EvalPlan, FoldCache, PlanSlot, run_unit
-from ..nn.modules import _FusedBlockMixin
+from ..nn.modules import Stage, _FusedBlockMixin
 
 _CL = torch.channels_last
 
@@ -30,6 +30,12 @@ class FusedModelMixin:
         self._stem_cache = FoldCache()
         self._stem_plan = PlanSlot()
         self.backend = backend
+        # Stages of fused blocks become fused_resnet.nn.Stage (same children and keys): in eval
+        # plans a block's end may then be written into its (dead) input.
+        for child in self.children():
+            if (type(child) is nn.Sequential and len(child) > 1
+                    and all(isinstance(b, _FusedBlockMixin) for b in child)):
+                child.__class__ = Stage
 
     @property
     def backend(self) -> str | None:
@@ -42,25 +48,6 @@ class FusedModelMixin:
         for m in self.modules():
             if m is not self and (hasattr(m, "_fold_caches") or hasattr(m, "_fold_cache")):
                 m.backend = value
-
-    def _stage(self, stage: nn.Module, x: Tensor) -> Tensor:
-        """``stage(x)`` for a stage of blocks (an ``nn.Sequential``), letting each block after the
-        first write its output into its input (its identity shortcut) in eval plans: that input is
-        the previous block's output, held by nobody else here (see "Writing into a dead residual"
-        in :mod:`fused_resnet.nn._fusion`). Only when no hook could see those tensors (none on the
-        stage, its blocks, or globally), the stage is a plain ``nn.Sequential`` of fused blocks and
-        the call may use plans at all; otherwise exactly ``stage(x)``."""
-        if not (type(stage) is nn.Sequential and _fusion.fast_eval_ready(x) and not torch.jit.is_tracing()
-                and _no_hooks(stage)):
-            return stage(x)
-        blocks = list(stage._modules.values())
-        if not blocks or not all(isinstance(b, _FusedBlockMixin) and type(b).forward is _FusedBlockMixin.forward
-                                 and _no_hooks(b) for b in blocks):
-            return stage(x)
-        x = blocks[0](x)
-        for b in blocks[1:]:
-            x = b._forward_owned(x)
-        return x
 
     def _fused_entry(self, x: Tensor, pool: nn.Module | None = None) -> Tensor:
         """``relu(bn1(conv1(x)))``, then ``pool`` when given, channels_last out.
@@ -98,14 +85,6 @@ class FusedModelMixin:
                     plan.stem = _onednn_stem.OneDNNStem(conv, scale, shift, pool)
                 slot.plan = plan
         return out if pool is None else pool(out)
-
-
-def _no_hooks(m: nn.Module) -> bool:
-    """No forward/backward hook on ``m`` nor a global module hook (which would see its tensors)."""
-    g = nn.modules.module
-    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
-                or g._global_backward_pre_hooks)
 
 
 def _pool_state(pool: nn.Module | None) -> tuple | None:

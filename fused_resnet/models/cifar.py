@@ -129,9 +129,9 @@ class CifarResNet(FusedModelMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._fused_entry(x)
-        x = self._stage(self.layer1, x)
-        x = self._stage(self.layer2, x)
-        x = self._stage(self.layer3, x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
         x = self.avgpool(x)
         return self.fc(torch.flatten(x, 1))
 

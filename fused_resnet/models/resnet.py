@@ -70,10 +70,10 @@ class ResNet(FusedModelMixin, _tv.ResNet):
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         x = self._fused_entry(x, self.maxpool)
-        x = self._stage(self.layer1, x)
-        x = self._stage(self.layer2, x)
-        x = self._stage(self.layer3, x)
-        x = self._stage(self.layer4, x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
         x = self.avgpool(x)
         x = flatten(x, 1)
         return self.fc(x)

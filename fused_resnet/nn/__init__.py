@@ -24,6 +24,8 @@ What exists (the contract ``fused_resnet.convert`` builds on):
 * :func:`convert_sync_batchnorm` -- BatchNorm2d -> SyncBatchNorm, which fused blocks run fused
   with statistics merged across processes.
 * :class:`PlainBasicBlock` -- a BasicBlock without a shortcut (the CIFAR plain networks).
+* :class:`Stage` -- an ``nn.Sequential`` of fused blocks whose eval plans may write each block's
+  output into its (dead) input; the models' ``layer1..4`` are Stages, and ``fuse`` makes them.
 * Every fused module has a ``backend`` attribute (None = auto) passed to the functional ops, and
   ``unfused_reason()`` (None, or why it runs as plain PyTorch: a norm layer that is not
   BatchNorm2d/FrozenBatchNorm2d, e.g. GroupNorm -> unfused with a ``FallbackWarning``).
@@ -35,7 +37,8 @@ scale/shift cached and recomputed when any of their inputs changes; batch statis
 the next conv's prologue and the block ending in ``bn_add_act`` (projection BN applied on the fly).
 """
 
-from .modules import BasicBlock, Bottleneck, ConvBNAct, PlainBasicBlock, split_downsample
+from .modules import BasicBlock, Bottleneck, ConvBNAct, PlainBasicBlock, Stage, split_downsample
 from .sync import convert_sync_batchnorm
 
-__all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "PlainBasicBlock", "split_downsample", "convert_sync_batchnorm"]
+__all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "PlainBasicBlock", "Stage", "split_downsample",
+           "convert_sync_batchnorm"]

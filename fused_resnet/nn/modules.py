@@ -25,7 +25,7 @@ from .. import backends, reference
 from . import _fusion, _tape
 from ._fusion import Act, EvalPlan, FoldCache, PlanSlot, run_unit
 
-__all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "PlainBasicBlock"]
+__all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "PlainBasicBlock", "Stage"]
 
 # Child modules of foreign blocks (timm) that are fine when they do nothing.
 _ACT_NAMES = ("relu", "act1", "act2", "act3")
@@ -335,6 +335,42 @@ class Bottleneck(_FusedBlockMixin, _tv.Bottleneck):
                  backend: str | None = None) -> None:
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
         self._init_fused(backend)
+
+
+def _no_hooks(m: nn.Module) -> bool:
+    """No forward/backward hook on ``m`` nor a global module hook (which would see its tensors)."""
+    g = nn.modules.module
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks)
+
+
+class Stage(nn.Sequential):
+    """An ``nn.Sequential`` of fused blocks (a ResNet stage, ``layer1`` ... ``layer4``) that lets
+    each block after the first write its output into its input in eval plans.
+
+    Between two blocks of a stage the activation is the previous block's output, which nothing
+    but this loop holds -- unless a hook on a block (or a global module hook) has seen it. So with
+    no such hook, plain fused blocks (not subclasses with their own ``forward``) and a call that
+    may use eval plans, blocks 2..n run with their input donated (``_forward_owned``: the block end
+    is written into its identity shortcut, see "Writing into a dead residual" in
+    :mod:`fused_resnet.nn._fusion`); in every other case it is exactly ``nn.Sequential.forward``.
+    The stage's own input is never written (the first block runs as called) and its output is
+    returned untouched, so hooks on the stage itself do not matter. Same children and state_dict
+    keys as the ``nn.Sequential`` it replaces; :mod:`fused_resnet.models` build their stages as
+    ``Stage``, and :func:`fused_resnet.convert.fuse` turns a fused model's all-block
+    ``nn.Sequential`` into one (class swap; :func:`~fused_resnet.convert.unfuse` swaps back)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        blocks = list(self._modules.values())
+        if not (len(blocks) > 1 and _fusion.fast_eval_ready(x) and not torch.jit.is_tracing()
+                and all(isinstance(b, _FusedBlockMixin) and type(b).forward is _FusedBlockMixin.forward
+                        and _no_hooks(b) for b in blocks)):
+            return super().forward(x)
+        x = blocks[0](x)
+        for b in blocks[1:]:
+            x = b._forward_owned(x)
+        return x
 
 
 class ConvBNAct(nn.Module):
