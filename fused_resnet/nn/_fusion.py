@@ -394,9 +394,9 @@ def check_input(x, channels: int, where: str) -> None:
 # block-end conv took 13.7-15 ms into a fresh 25.7 MB buffer vs ~6 ms into a warm one (batch 8,
 # 2 threads; what Inductor's freezing path does). Whether the shortcut is dead is decided where
 # that is known: a projection shortcut is the plan's own temporary (always dead); an identity
-# shortcut is the block's input, dead only when the caller says so -- the models' stage runner
-# (``FusedModelMixin._stage``) passes each block the previous block's output, which nothing else
-# can see when no hook is registered. FUSED_RESNET_EVAL_INPLACE=0 turns it off (to measure it).
+# shortcut is the block's input, dead only when the caller says so -- a
+# :class:`~fused_resnet.nn.Stage` passes each block the previous block's output, which nothing
+# else can see when no hook is registered. FUSED_RESNET_EVAL_INPLACE=0 turns it off (to measure it).
 
 FAST_EVAL_ENV = "FUSED_RESNET_FAST_EVAL"
 INPLACE_ENV = "FUSED_RESNET_EVAL_INPLACE"

@@ -156,7 +156,7 @@ class _FusedBlockMixin:
 
     def _forward_owned(self, x: Tensor) -> Tensor:
         """``forward(x)`` for a caller that holds the only reference to ``x`` and runs no hooks
-        (``FusedModelMixin._stage``): an eval plan may then write the block's output into ``x``."""
+        (:class:`Stage`): an eval plan may then write the block's output into ``x``."""
         key = self._plan_key(x)
         slot = getattr(self, "_plan_slot", None)
         if key is not None and slot is not None:
