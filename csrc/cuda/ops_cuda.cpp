@@ -375,9 +375,8 @@ void conv_bn_act_residual_cuda(const at::Tensor& x, const at::Tensor& weight, co
   check_cuda(x, "x");
   const ConvGeometry geo = check_conv(x, weight, stride, padding, dilation, groups);
   check_residual_inplace(residual, geo.out_shape, x, weight, scale, shift);
-  at::Tensor y = conv_bn_act_cuda(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu);
-  mark_modified(residual);
-  residual.copy_(y);
+  mark_modified(residual);  // before any work: throws for an inference tensor outside inference mode
+  residual.copy_(conv_bn_act_cuda(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu));
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_stats_cuda(
