@@ -296,16 +296,25 @@ at::Tensor channel_stats(const at::Tensor& z) {
 // ---------------------------------------------------------------------------------------------
 // Ops
 
-at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                           const at::Tensor& shift, const c10::optional<at::Tensor>& residual,
-                           at::IntArrayRef stride, at::IntArrayRef padding,
-                           at::IntArrayRef dilation, int64_t groups, bool relu) {
+// The checks conv_bn_act and conv_bn_act_residual_ share: x/weight/geometry on the CPU and the
+// two (K,) vectors in the accumulation dtype. Returns the output geometry.
+ConvGeometry check_conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                   const at::Tensor& shift, at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry geo = check_conv(x, weight, stride, padding, dilation, groups);
   check_cpu(x, "x");
   const int64_t k = weight.size(0);
   const auto acc = acc_dtype(x.scalar_type());
   check_vector(scale, "scale", k, acc, x.device());
   check_vector(shift, "shift", k, acc, x.device());
+  return geo;
+}
+
+at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                           const at::Tensor& shift, const c10::optional<at::Tensor>& residual,
+                           at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, int64_t groups, bool relu) {
+  const ConvGeometry geo = check_conv_bn_act_cpu(x, weight, scale, shift, stride, padding, dilation, groups);
   check_residual(residual, "residual", geo.out_shape, x, "x");
 
   const at::Tensor xin = channels_last_input(x);
@@ -331,12 +340,7 @@ at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 void conv_bn_act_residual_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                               const at::Tensor& shift, const at::Tensor& residual, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
-  const ConvGeometry geo = check_conv(x, weight, stride, padding, dilation, groups);
-  check_cpu(x, "x");
-  const int64_t k = weight.size(0);
-  const auto acc = acc_dtype(x.scalar_type());
-  check_vector(scale, "scale", k, acc, x.device());
-  check_vector(shift, "shift", k, acc, x.device());
+  const ConvGeometry geo = check_conv_bn_act_cpu(x, weight, scale, shift, stride, padding, dilation, groups);
   check_residual_inplace(residual, geo.out_shape, x, weight, scale, shift);
   mark_modified(residual);  // before writing: throws for an inference tensor outside inference mode
   if (residual.is_contiguous(at::MemoryFormat::ChannelsLast)) {
