@@ -241,7 +241,7 @@ def _resnet50_gemms(batch):
 
     for s in conv_shapes(torchvision.models.resnet50(), batch, 224):
         p, q = s.out_hw
-        yield s.name, batch * p * q, s.k, s.c
+        yield s.name, batch * p * q, s.k, s.c, s.s
 
 
 @pytest.mark.parametrize("batch", [32, 256])
@@ -249,11 +249,14 @@ def test_tuning_candidates_for_resnet50(batch):
     from fused_resnet.triton import _tuning
 
     menu = _tuning.menu()
-    for name, m, k, c in _resnet50_gemms(batch):
+    for name, m, k, c, s in _resnet50_gemms(batch):
+        packed = _tuning.packs_taps(c, s, 1, 1)
+        assert packed == (name == "conv1"), name  # only the stem (C = 3) packs its taps
+        run = _tuning.reduction_run(c, s, packed)
         for elem, dev in ((2, H100), (2, A100), (4, A100)):
-            kept = _tuning.select(menu, m, k, c, 1, elem, **dev)
+            kept = _tuning.select(menu, m, k, run, 1, elem, **dev, packed=packed)
             assert 1 <= len(kept) <= _tuning.MAX_CANDIDATES, (name, kept)
-            want_bk = 16 if c == 3 else (64 if elem == 2 else 32)
+            want_bk = 16 if packed else (64 if elem == 2 else 32)  # packed runs: 16 (spills at 32)
             for bm, bn, bk, _warps, stages in kept:
                 assert bk == want_bk, (name, kept)
                 assert min(64, k) <= bn <= k, (name, kept)  # K is a power of two in ResNet-50
@@ -344,7 +347,8 @@ def test_conv_kernel_compiles_for_sm90(variant):
              "3x3-res-fp32-tf32": (128, 128, 32, 8, 4), "7x7-stem-c3-bf16": (128, 64, 16, 4, 4)}
     bm, bn, bk, warps, stages = tiles[variant]
     consts = dict(R=r, S=r, PROLOGUE=stats, HAS_IN_SCALE=stats, HAS_IN_SHIFT=stats, IN_RELU=stats, STATS=stats,
-                  HAS_RES=not stats, RELU=True, IS_GEMM=r == 1, INPUT_PRECISION="tf32", STAT_ROWS=conv.STAT_ROWS,
+                  HAS_RES=not stats, RELU=True, IS_GEMM=r == 1, PACK_S=r == 7,  # the stem packs its taps
+                  INPUT_PRECISION="tf32", STAT_ROWS=conv.STAT_ROWS,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     types = {n: ("*fp32" if n in _F32_PTRS else f"*{dt}") for n in fn.arg_names if n.endswith("_ptr")}
     div16 = [n for n in types] + ["K", "Kg", "M"] + ([] if r == 7 else ["C", "Cg"])  # the stem has C = 3
@@ -354,8 +358,8 @@ def test_conv_kernel_compiles_for_sm90(variant):
     if r != 7:
         assert "cp.async" in ptx  # the reduction loop is software-pipelined
         assert k.metadata.shared >= stages * (bm + bn) * bk * (4 if dt == "fp32" else 2) * 2 // 3
-    if bm * bn == 128 * 128:
-        assert _stack_bytes(k) in (0, None), "the workhorse tile spills registers"
+    if bm * bn == 128 * 128 or r == 7:
+        assert _stack_bytes(k) in (0, None), "the workhorse tile / the packed stem spills registers"
 
 
 def test_bn_kernels_compile_for_sm90():

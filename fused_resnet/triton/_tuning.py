@@ -22,8 +22,17 @@ Decisions:
 * **BLOCK_K is derived, not tuned**: ``min(64, next_pow2(C/groups))`` for 16-bit types
   (a 64-wide K step is 128 bytes per row: full-width loads and whole wgmma K steps), halved to
   32 for float32/TF32 so a pipeline stage keeps the same bytes; at least 16 (``tl.dot``'s
-  minimum). The stem (C = 3) therefore runs with BLOCK_K = 16 and wastes most of each K step:
-  its floor is memory (see NOTES), so this costs less than it seems.
+  minimum).
+* **Packed taps for few input channels** (:func:`packs_taps`; ``C/groups <`` :data:`PACK_TAPS_BELOW`,
+  one group, dilation 1 along W, S > 1 -- the stem, C = 3): in NHWC the S taps of one kernel row
+  read S adjacent pixels, i.e. ONE contiguous run of ``S * C`` elements, so the kernel reduces
+  over (s, c) runs, one per kernel row, instead of over one tap at a time. BLOCK_K is then 16
+  whatever the run (:func:`block_k_for` with ``packed``): such runs are unaligned scalar loads
+  (C = 3 is not a multiple of a vector), one register per element and stage, and the sm_90
+  compile of the stem at BLOCK_K = 32 spilled (488-1032 bytes of stack with 4 warps on 128x64
+  or 8 warps on 256x64) where 16 does not. The stem then takes 14 K steps of 16 (two per kernel
+  row: 16 + 5 of its 21 elements) instead of 49 steps of 16 with 3 used: 3.5x fewer MMA K steps
+  and loop iterations, 1.5x wasted K slots instead of 5.3x (prediction in NOTES, unmeasured).
 * **BLOCK_N is capped** at ``next_pow2(K/groups)`` (at least 16): N = 64 layers never compute
   half-empty 128-wide tiles, and ResNeXt groups (4-32 channels) get the narrow tiles; and it
   is at least ``min(64, cap)``: narrow tiles only serve narrow groups (a 16-wide tile on a
@@ -68,10 +77,31 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def block_k_for(cg: int, elem_size: int) -> int:
-    """BLOCK_K for C/groups input channels per group and an element of ``elem_size`` bytes."""
+def block_k_for(cg: int, elem_size: int, packed: bool = False) -> int:
+    """BLOCK_K for a contiguous reduction run of ``cg`` elements (C/groups input channels, or
+    ``S * C`` with packed taps) of ``elem_size`` bytes each; always 16 for packed taps."""
+    if packed:
+        return 16
     cap = 64 if elem_size <= 2 else 32
     return max(16, min(cap, next_pow2(cg)))
+
+
+#: Convolutions with fewer input channels per group than this pack their taps along W into the
+#: reduction (:func:`packs_taps`): below 16, one tap fills less than half of the smallest K step.
+PACK_TAPS_BELOW = 16
+
+
+def packs_taps(cg: int, s: int, groups: int, dil_w: int) -> bool:
+    """Whether the conv kernel reduces over contiguous (tap along W, channel) runs of ``S * C``
+    elements (one per kernel row) rather than over each tap's ``C`` channels: few channels, one
+    group (a group's channels are not adjacent to the next pixel's), W-dilation 1 (the S pixels
+    are adjacent), and more than one tap along W."""
+    return cg < PACK_TAPS_BELOW and groups == 1 and dil_w == 1 and s > 1
+
+
+def reduction_run(cg: int, s: int, packed: bool) -> int:
+    """Length of the contiguous reduction run one K-loop step walks: ``S * C`` or ``C/groups``."""
+    return s * cg if packed else cg
 
 
 #: Shared memory the epilogue may add on top of the pipeline buffers (the statistics epilogue's
@@ -90,16 +120,17 @@ def menu() -> list[tuple[int, int, int, int, int]]:
 
 
 def select(items, m: int, kg: int, cg: int, groups: int, elem_size: int, smem: int = DEFAULT_SMEM,
-           n_sm: int = DEFAULT_SMS, as_tuple=lambda i: i) -> list:
+           n_sm: int = DEFAULT_SMS, as_tuple=lambda i: i, packed: bool = False) -> list:
     """The candidates kept for one shape (see the module docstring), in the menu's order.
 
-    m: GEMM rows (N * P * Q); kg, cg: output / input channels per group; elem_size: bytes per
+    m: GEMM rows (N * P * Q); kg: output channels per group; cg: the contiguous reduction run
+    (:func:`reduction_run`: input channels per group, or ``S * C`` with packed taps, ``packed``); elem_size: bytes per
     activation element; smem: shared memory per block (bytes); n_sm: SM count. ``items`` are
     (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuples, or anything ``as_tuple`` maps to
     one (``triton.Config``); the kept items are returned themselves. Never empty: if nothing
     fits, the smallest tile with the derived BLOCK_K is kept.
     """
-    bk = block_k_for(cg, elem_size)
+    bk = block_k_for(cg, elem_size, packed)
     bn_cap = max(16, next_pow2(kg))
     raw = [(i, tuple(as_tuple(i))) for i in items]
     same_k = [(i, c) for i, c in raw if c[2] == bk]

@@ -36,7 +36,11 @@ most 3 candidates per shape; derived BLOCK_K; shared-memory and one-wave rules) 
 :mod:`._tuning`, unmeasured so far. Under the interpreter one small config is used (no tuning).
 
 Reduction loop: one flat loop over (tap, channel block) rather than a loop per tap, so the
-software pipeliner (``num_stages``) overlaps loads across taps.
+software pipeliner (``num_stages``) overlaps loads across taps. With few input channels (the
+stem's C = 3; :func:`._tuning.packs_taps`) the loop runs over (kernel row, run block) instead:
+the S taps of a kernel row read S adjacent NHWC pixels, one contiguous run of ``S * C`` elements,
+so one K step covers several taps (``PACK_S``); the weight is packed ``(R, S, C, K)``, the same
+``s * C + c`` order, so both operands index the run alike.
 """
 
 from __future__ import annotations
@@ -81,8 +85,10 @@ def _prune(configs, named_args, **kwargs):
     if len(configs) <= 1 or not isinstance(x, torch.Tensor) or x.device.type != "cuda":
         return configs
     smem, n_sm = _device_limits(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    return _tuning.select(configs, named_args["M"], named_args["Kg"], named_args["Cg"], named_args["GROUPS"],
-                          x.element_size(), smem, n_sm, as_tuple=_config_tuple)
+    packed = bool(kwargs.get("PACK_S"))
+    run = _tuning.reduction_run(named_args["Cg"], kwargs.get("S", 1), packed)
+    return _tuning.select(configs, named_args["M"], named_args["Kg"], run, named_args["GROUPS"],
+                          x.element_size(), smem, n_sm, as_tuple=_config_tuple, packed=packed)
 
 
 _AUTOTUNE_KW = {}
@@ -118,6 +124,7 @@ def conv_kernel(
     STATS: tl.constexpr,  # conv_stats epilogue (raw z + partials); else the conv_bn_act epilogue
     HAS_RES: tl.constexpr, RELU: tl.constexpr,
     IS_GEMM: tl.constexpr,  # 1x1, stride 1, no padding, one group: a plain GEMM
+    PACK_S: tl.constexpr,  # reduce over contiguous (s, c) runs of S * C, one per kernel row (few channels)
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" (float32 inputs only)
     STAT_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -147,25 +154,48 @@ def conv_kernel(
     # One flat loop over (tap, channel block), so the compiler's software pipeliner (num_stages)
     # overlaps the loads of the next tap with the current MMA: with a loop per tap, a layer with
     # C <= BLOCK_K (layer1: C = 64) would run 9 one-iteration loops and nothing would overlap.
-    n_cb = tl.cdiv(Cg, BLOCK_K)
-    for it in range(0, R * S * n_cb):
-        tap = it // n_cb
-        c0 = (it - tap * n_cb) * BLOCK_K
-        r = tap // S
-        s = tap - r * S
-        if IS_GEMM:
-            valid_m = mask_m
-            row = m64 * C
-        else:
+    if PACK_S:
+        # One run of S * Cg elements per kernel row (one group, W-dilation 1): element j of the run
+        # is channel j % Cg of the pixel j // Cg taps to the right, in x as in the packed weight.
+        n_cb = tl.cdiv(S * Cg, BLOCK_K)
+        n_it = R * n_cb
+    else:
+        n_cb = tl.cdiv(Cg, BLOCK_K)
+        n_it = R * S * n_cb
+    for it in range(0, n_it):
+        if PACK_S:
+            r = it // n_cb
+            jj = (it - r * n_cb) * BLOCK_K + offs_c  # position in the run
+            mask_c = jj < S * Cg
+            s_of = jj // Cg
+            cc = jj - s_of * Cg  # the channel (for the prologue's vectors)
             hh = h0 + r * DIL_H
-            ww = w0 + s * DIL_W
-            valid_m = mask_m & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            row = ((n_img * H + hh) * W + ww) * C + g * Cg
-        w_tap = w_ptr + ((g * R + r) * S + s).to(tl.int64) * Cg * Kg
-        cc = c0 + offs_c
-        mask_c = cc < Cg
-        a_mask = valid_m[:, None] & mask_c[None, :]
-        a = tl.load(x_ptr + row[:, None] + cc[None, :], mask=a_mask, other=0.0)
+            ww = w0[:, None] + s_of[None, :]
+            valid_m = mask_m & (hh >= 0) & (hh < H)
+            a_mask = valid_m[:, None] & mask_c[None, :] & (ww >= 0) & (ww < W)
+            row = ((n_img * H + hh) * W + w0) * C  # the run's first element (masked where w < 0)
+            a = tl.load(x_ptr + row[:, None] + jj[None, :], mask=a_mask, other=0.0)
+            w_tap = w_ptr + (r * S * Cg).to(tl.int64) * Kg
+            b_rows = jj
+        else:
+            tap = it // n_cb
+            c0 = (it - tap * n_cb) * BLOCK_K
+            r = tap // S
+            s = tap - r * S
+            if IS_GEMM:
+                valid_m = mask_m
+                row = m64 * C
+            else:
+                hh = h0 + r * DIL_H
+                ww = w0 + s * DIL_W
+                valid_m = mask_m & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                row = ((n_img * H + hh) * W + ww) * C + g * Cg
+            w_tap = w_ptr + ((g * R + r) * S + s).to(tl.int64) * Cg * Kg
+            cc = c0 + offs_c
+            mask_c = cc < Cg
+            a_mask = valid_m[:, None] & mask_c[None, :]
+            a = tl.load(x_ptr + row[:, None] + cc[None, :], mask=a_mask, other=0.0)
+            b_rows = cc
         if PROLOGUE:
             af = a.to(tl.float32)
             if HAS_IN_SCALE:
@@ -179,7 +209,7 @@ def conv_kernel(
             # Padding (and out-of-range rows/channels) is zero *after* the transform.
             af = tl.where(a_mask, af, 0.0)
             a = af.to(x_ptr.dtype.element_ty)
-        b = tl.load(w_tap + cc[:, None] * Kg + offs_n[None, :],
+        b = tl.load(w_tap + b_rows[:, None] * Kg + offs_n[None, :],
                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
@@ -311,6 +341,7 @@ def launch_conv(x, weight, stride, padding, dilation, groups, *, in_scale=None, 
         None if v is None else v.contiguous() for v in (scale, shift, in_scale, in_shift))
     prologue = in_scale is not None or in_shift is not None or bool(in_relu)
     is_gemm = (r == 1 and s == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and groups == 1)
+    pack_s = _tuning.packs_taps(cg, s, groups, dilation[1])
     dummy = out
     if m > 0 and k > 0:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kg, meta["BLOCK_N"]), groups)  # noqa: E731
@@ -325,7 +356,7 @@ def launch_conv(x, weight, stride, padding, dilation, groups, *, in_scale=None, 
             groups, R=r, S=s,
             PROLOGUE=prologue, HAS_IN_SCALE=in_scale is not None, HAS_IN_SHIFT=in_shift is not None,
             IN_RELU=bool(in_relu), STATS=bool(stats), HAS_RES=residual is not None, RELU=bool(relu),
-            IS_GEMM=is_gemm, INPUT_PRECISION=_input_precision(x.dtype), STAT_ROWS=STAT_ROWS,
+            IS_GEMM=is_gemm, PACK_S=pack_s, INPUT_PRECISION=_input_precision(x.dtype), STAT_ROWS=STAT_ROWS,
         )
     if not stats:
         return out

@@ -35,9 +35,14 @@ ODD = [
     ConvCase(2, 8, 6, 6, 8, groups=8),  # depthwise
     ConvCase(2, 12, 9, 7, 6, stride=2, padding=0, groups=3),  # stride 2, groups, no padding
     ConvCase(1, 33, 4, 4, 17, 3, 1, padding=1),  # 3x1 kernel, C and K beyond one tile
+    ConvCase(2, 4, 9, 11, 8, 3, 5, stride=2, padding=2),  # packed taps: a 1x5 run of 20 > one 16-wide step
+    ConvCase(2, 3, 5, 6, 16, 3, 3, padding=1),  # packed taps: a 3-tap run of 9 in one step (CIFAR-style stem)
 ]
 CASES = SMALL_RESNET + ODD
 FP16_CASES = [SMALL_RESNET[0], SMALL_RESNET[2], SMALL_RESNET[5], ODD[5]]
+#: Cases whose kernel runs with packed taps (few input channels, one group, W-dilation 1, S > 1):
+#: the stem, batch 1 with 5 channels, and the two packed-taps cases above.
+PACKED = [SMALL_RESNET[0], ODD[0], ODD[6], ODD[7]]
 
 
 def _args(case):
@@ -165,3 +170,37 @@ def test_empty_batch_matches_reference():
     ze, se = ref.conv_stats(x, w, None, None, False, (1, 1), (1, 1), (1, 1), 1)
     assert z.shape == ze.shape
     torch.testing.assert_close(stats, se, equal_nan=True)
+
+
+def test_packed_taps_path_is_the_one_taken(monkeypatch):
+    """The few-channel cases above really run with PACK_S (so their reference checks cover that
+    path) and the others do not; the stem-like ones pack more than one tap per K step."""
+    from fused_resnet.triton import conv
+
+    seen = []
+    real = conv.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        if kernel is conv.conv_kernel:
+            seen.append(kwargs["PACK_S"])
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(conv, "launch", spy)
+    for case in CASES:
+        seen.clear()
+        _check_conv_bn_act(case, torch.float32, residual=False, relu=True)
+        assert seen == [case in PACKED], case
+
+
+@pytest.mark.parametrize("case", PACKED, ids=str)
+def test_packed_taps_with_prologue_and_padding(case):
+    """Packed taps with the prologue: the shift makes a padded pixel's transform non-zero, so a
+    wrongly masked run element (past W, or past S * C) would show."""
+    x, w, _, _, _ = conv_inputs(case)
+    st, pad, dil, g = _args(case)
+    isc = vec(case.c, positive=True)
+    ish = torch.full((case.c,), 2.0) + vec(case.c).abs()
+    z, stats = T.conv_stats(x, w, isc, ish, True, st, pad, dil, g)
+    ze, se = ref.conv_stats(f64(x), f64(w), f64(isc), f64(ish), True, st, pad, dil, g)
+    assert_matches(z, ze, torch.float32, what=f"z {case}")
+    assert_matches(stats[1], se[1], torch.float32, what=f"M2 {case}")
