@@ -280,6 +280,10 @@ def test_tuning_candidates_by_hand():
     # float32 at 4 bytes: BLOCK_K 32 keeps a stage's bytes; nothing over the A100's shared memory.
     kept = _tuning.select(menu, 200704, 128, 128, 1, 4, **A100)
     assert kept and all(bk == 32 for _, _, bk, _, _ in kept)
+    # Split-K multiplies every tile count: layer4's 3x3 at batch 1 (M = 49) split 8 ways keeps
+    # the tiles that fill the most programs, not the one-wave rule's big tiles.
+    kept = _tuning.select(menu, 49, 512, 512, 1, 2, **H100, split=8)
+    assert all(bk == 64 for _, _, bk, _, _ in kept) and 1 <= len(kept) <= 3
     # Never empty, even when nothing fits the shared memory.
     assert len(_tuning.select(menu, 1000, 64, 64, 1, 2, smem=1024, n_sm=132)) == 1
 
@@ -330,11 +334,11 @@ def _needs_compiler():
         pytest.skip("this triton has no bundled ptxas")
 
 
-_F32_PTRS = ("scale_ptr", "shift_ptr", "in_scale_ptr", "in_shift_ptr", "pmean_ptr", "plo_ptr", "pm2_ptr")
+_F32_PTRS = ("scale_ptr", "shift_ptr", "in_scale_ptr", "in_shift_ptr", "pmean_ptr", "plo_ptr", "pm2_ptr", "ws_ptr")
 
 
 @pytest.mark.parametrize("variant", ["3x3-stats-prologue-bf16", "1x1-gemm-res-bf16", "3x3-res-fp32-tf32",
-                                     "7x7-stem-c3-bf16"])
+                                     "7x7-stem-c3-bf16", "3x3-res-bf16-split4"])
 def test_conv_kernel_compiles_for_sm90(variant):
     _needs_compiler()
     from fused_resnet.triton import conv
@@ -344,11 +348,12 @@ def test_conv_kernel_compiles_for_sm90(variant):
     r = 7 if "7x7" in variant else (1 if "1x1" in variant else 3)
     stats = "stats" in variant
     tiles = {"3x3-stats-prologue-bf16": (128, 128, 64, 8, 4), "1x1-gemm-res-bf16": (64, 256, 64, 8, 3),
-             "3x3-res-fp32-tf32": (128, 128, 32, 8, 4), "7x7-stem-c3-bf16": (128, 64, 16, 4, 4)}
+             "3x3-res-fp32-tf32": (128, 128, 32, 8, 4), "7x7-stem-c3-bf16": (128, 64, 16, 4, 4),
+             "3x3-res-bf16-split4": (64, 128, 64, 4, 4)}
     bm, bn, bk, warps, stages = tiles[variant]
     consts = dict(R=r, S=r, PROLOGUE=stats, HAS_IN_SCALE=stats, HAS_IN_SHIFT=stats, IN_RELU=stats, STATS=stats,
                   HAS_RES=not stats, RELU=True, IS_GEMM=r == 1, PACK_S=r == 7,  # the stem packs its taps
-                  INPUT_PRECISION="tf32", STAT_ROWS=conv.STAT_ROWS,
+                  INPUT_PRECISION="tf32", SPLIT_K=4 if "split" in variant else 1, STAT_ROWS=conv.STAT_ROWS,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     types = {n: ("*fp32" if n in _F32_PTRS else f"*{dt}") for n in fn.arg_names if n.endswith("_ptr")}
     div16 = [n for n in types] + ["K", "Kg", "M"] + ([] if r == 7 else ["C", "Cg"])  # the stem has C = 3
@@ -368,6 +373,11 @@ def test_bn_kernels_compile_for_sm90():
 
     f32 = "*fp32"
     act = "*bf16"
+    for stats in (False, True):
+        flags = dict(SPLIT_K=4, STATS=stats, HAS_RES=not stats, RELU=not stats, STAT_ROWS=16, BLOCK_M=64, BLOCK_N=64)
+        _gpu_compile(conv.splitk_epilogue_kernel, flags,
+                     {n: (act if n in ("out_ptr", "res_ptr") else f32)
+                      for n in conv.splitk_epilogue_kernel.arg_names if n.endswith("_ptr")}, 4)
     _gpu_compile(conv.stats_reduce_kernel, dict(STAT_ROWS=16, BLOCK_S=64, BLOCK_K=64), dict.fromkeys(
         ("pmean_ptr", "plo_ptr", "pm2_ptr", "stats_ptr"), f32), 4)
     _gpu_compile(bn.bn_finalize_kernel, dict(HAS_GAMMA=True, HAS_BETA=True, BLOCK=256),
@@ -385,3 +395,41 @@ def test_bn_kernels_compile_for_sm90():
     _gpu_compile(bn.stats_backward_kernel, dict(BLOCK_M=64, BLOCK_K=64),
                  {"gz_ptr": act, "gstats_ptr": f32, "z_ptr": act, "stats_ptr": f32, "out_ptr": act,
                   "inv_count": "fp32"}, 4)
+
+
+def test_split_k_choice():
+    """Split-K only where 64x64 tiles leave SMs idle; bounded by MAX_SPLIT_K and the loop length."""
+    from fused_resnet.triton import _tuning
+
+    n_sm = 132
+    # ResNet-50 at batch >= 32: every layer's 64x64 tiles fill a wave -> no split.
+    for batch in (32, 256):
+        for _name, m, k, c, s in _resnet50_gemms(batch):
+            packed = _tuning.packs_taps(c, s, 1, 1)
+            steps = _tuning.reduction_steps(s, s, c, 2, packed)
+            assert _tuning.split_k(m, k, 1, steps, n_sm) == 1, (batch, _name)
+    # Batch 1, layer4 3x3 512->512 at 7x7: 8 tiles, 72 steps of 64 -> the cap, 8 ways.
+    assert _tuning.reduction_steps(3, 3, 512, 2, False) == 72
+    assert _tuning.split_k(49, 512, 1, 72, n_sm) == _tuning.MAX_SPLIT_K
+    # Enough tiles for half the SMs: 2 ways; a short loop limits the split (4 steps per share).
+    assert _tuning.split_k(64 * 11, 64 * 6, 1, 100, n_sm) == 2
+    assert _tuning.split_k(49, 512, 1, 9, n_sm) == 2
+    assert _tuning.split_k(49, 512, 1, 3, n_sm) == 1
+    # The packed stem counts kernel rows x 16-wide blocks of its 21-element runs.
+    assert _tuning.reduction_steps(7, 7, 3, 2, True) == 14
+    assert _tuning.split_k(0, 64, 1, 14, n_sm) == 1
+
+
+def test_forced_split_k_env(monkeypatch):
+    from fused_resnet.triton import _tuning
+
+    monkeypatch.delenv(_tuning.SPLIT_K_ENV, raising=False)
+    assert _tuning.forced_split_k() is None
+    monkeypatch.setenv(_tuning.SPLIT_K_ENV, " Auto ")
+    assert _tuning.forced_split_k() is None
+    monkeypatch.setenv(_tuning.SPLIT_K_ENV, "3")
+    assert _tuning.forced_split_k() == 3
+    for bad in ("0", "x", "1.5"):
+        monkeypatch.setenv(_tuning.SPLIT_K_ENV, bad)
+        with pytest.raises(ValueError, match=_tuning.SPLIT_K_ENV):
+            _tuning.forced_split_k()

@@ -44,8 +44,19 @@ Decisions:
   (``cdiv(M, BLOCK_M) * cdiv(K/groups, BLOCK_N) * groups``) is at least one wave (the SM
   count), the largest tiles are kept (most operand reuse per byte loaded); when fewer than
   :data:`MAX_CANDIDATES` fill a wave (late layers at batch 32: M = 1568), the next candidates
-  are the ones with the most tiles. There is no split-K: a small-M layer at small batch stays
-  under one wave (noted as a prediction, not solved).
+  are the ones with the most tiles (tile counts include the split-K factor, below).
+* **Split-K only where even the smallest regular tile leaves the GPU idle** (:func:`split_k`):
+  when ``cdiv(M, 64) * cdiv(K/groups, 64) * groups`` is under one wave (the SM count) -- batch 1-8
+  late layers, e.g. layer4's 3x3 at batch 1: M = 49, 8 tiles for 132 SMs -- the reduction loop
+  is cut into ``min(8, cdiv(#SMs, tiles), steps / 4)`` contiguous shares, one program each, whose
+  float32 partial sums go to a ``(split, M, K)`` workspace; a second launch sums them in split
+  order (deterministic) and runs the same fused epilogue. The launcher chooses the split (a key
+  of the autotuner), not the autotuner: triton's autotuner times only the first launch, so it
+  would favour splits whose cost is in the second. Where 64x64 tiles already fill a wave (every
+  ResNet-50 layer at batch >= 32 on an H100) nothing changes; whether a split should also be
+  offered against small tiles there is for a measured run to say. ``FUSED_RESNET_TRITON_SPLIT_K``
+  forces a split (a positive integer) for experiments and tests; under the interpreter (no
+  device to size a wave by) the default is no split.
 * **1x1 stride-1 convolutions** take the same menu; the kernel compiles them as a plain GEMM
   (``IS_GEMM``: no index arithmetic, one tap).
 * **TF32**: float32 inputs use TF32 tensor cores only when ``torch.backends.cudnn.allow_tf32``
@@ -119,12 +130,53 @@ def menu() -> list[tuple[int, int, int, int, int]]:
     return [(bm, bn, bk, w, s) for (bm, bn, w, s) in TILES for bk in BLOCK_KS]
 
 
+#: Split-K limits: at most this many programs per output tile, each with at least
+#: :data:`MIN_STEPS_PER_SPLIT` steps of the reduction loop.
+MAX_SPLIT_K = 8
+MIN_STEPS_PER_SPLIT = 4
+SPLIT_K_ENV = "FUSED_RESNET_TRITON_SPLIT_K"
+
+
+def reduction_steps(r: int, s: int, cg: int, elem_size: int, packed: bool) -> int:
+    """Steps of the conv kernel's reduction loop for one output tile at the largest BLOCK_K
+    this shape uses (:func:`block_k_for`)."""
+    run = reduction_run(cg, s, packed)
+    per_row = -(-run // block_k_for(run, elem_size, packed))
+    return (r if packed else r * s) * per_row
+
+
+def split_k(m: int, kg: int, groups: int, steps: int, n_sm: int) -> int:
+    """How many programs share one output tile's reduction (see the module docstring): 1 unless
+    64x64 tiles (``cdiv(M, 64) * cdiv(kg, 64) * groups``) are fewer than ``n_sm``."""
+    tiles = -(-m // 64) * -(-kg // 64) * groups
+    if tiles <= 0 or tiles >= n_sm:
+        return 1
+    return max(1, min(MAX_SPLIT_K, -(-n_sm // tiles), steps // MIN_STEPS_PER_SPLIT))
+
+
+def forced_split_k() -> int | None:
+    """``FUSED_RESNET_TRITON_SPLIT_K`` as a positive integer, or None when unset / ``auto``."""
+    import os
+
+    raw = os.environ.get(SPLIT_K_ENV, "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{SPLIT_K_ENV}: expected 'auto' or a positive integer, got {raw!r}")
+    return n
+
+
 def select(items, m: int, kg: int, cg: int, groups: int, elem_size: int, smem: int = DEFAULT_SMEM,
-           n_sm: int = DEFAULT_SMS, as_tuple=lambda i: i, packed: bool = False) -> list:
+           n_sm: int = DEFAULT_SMS, as_tuple=lambda i: i, packed: bool = False, split: int = 1) -> list:
     """The candidates kept for one shape (see the module docstring), in the menu's order.
 
     m: GEMM rows (N * P * Q); kg: output channels per group; cg: the contiguous reduction run
-    (:func:`reduction_run`: input channels per group, or ``S * C`` with packed taps, ``packed``); elem_size: bytes per
+    (:func:`reduction_run`: input channels per group, or ``S * C`` with packed taps, ``packed``);
+    split: programs per output tile (:func:`split_k`), a factor of every tile count; elem_size: bytes per
     activation element; smem: shared memory per block (bytes); n_sm: SM count. ``items`` are
     (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuples, or anything ``as_tuple`` maps to
     one (``triton.Config``); the kept items are returned themselves. Never empty: if nothing
@@ -142,7 +194,7 @@ def select(items, m: int, kg: int, cg: int, groups: int, elem_size: int, smem: i
         return [smallest[0]]
 
     def tiles(c):
-        return -(-m // c[0]) * -(-kg // c[1]) * groups
+        return -(-m // c[0]) * -(-kg // c[1]) * groups * split
 
     full = sorted((ic for ic in fits if tiles(ic[1]) >= n_sm), key=lambda ic: -(ic[1][0] * ic[1][1]))
     rest = sorted((ic for ic in fits if tiles(ic[1]) < n_sm), key=lambda ic: -tiles(ic[1]))

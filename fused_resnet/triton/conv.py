@@ -41,6 +41,14 @@ stem's C = 3; :func:`._tuning.packs_taps`) the loop runs over (kernel row, run b
 the S taps of a kernel row read S adjacent NHWC pixels, one contiguous run of ``S * C`` elements,
 so one K step covers several taps (``PACK_S``); the weight is packed ``(R, S, C, K)``, the same
 ``s * C + c`` order, so both operands index the run alike.
+
+Split-K (``SPLIT_K > 1``, chosen by the launcher: :func:`._tuning.split_k`, only where even 64x64
+tiles leave SMs idle, i.e. late layers at small batch): ``SPLIT_K`` programs share an output tile,
+each running one contiguous share of the reduction loop and storing its float32 partial sum in a
+``(SPLIT_K, M, K)`` workspace; :func:`splitk_epilogue_kernel` then adds the shares in split order
+(deterministic: no atomics) and runs the same epilogue (:func:`_epilogue`) the unsplit kernel runs.
+The sum's order differs from the unsplit kernel's, so a split result may differ from an unsplit
+one in the last bits, as between two tile configs.
 """
 
 from __future__ import annotations
@@ -88,7 +96,64 @@ def _prune(configs, named_args, **kwargs):
     packed = bool(kwargs.get("PACK_S"))
     run = _tuning.reduction_run(named_args["Cg"], kwargs.get("S", 1), packed)
     return _tuning.select(configs, named_args["M"], named_args["Kg"], run, named_args["GROUPS"],
-                          x.element_size(), smem, n_sm, as_tuple=_config_tuple, packed=packed)
+                          x.element_size(), smem, n_sm, as_tuple=_config_tuple, packed=packed,
+                          split=int(kwargs.get("SPLIT_K", 1)))
+
+
+def _split_k(x: torch.Tensor, m: int, kg: int, groups: int, r: int, s: int, cg: int, packed: bool) -> int:
+    """Split-K factor of one launch (:func:`._tuning.split_k`; ``FUSED_RESNET_TRITON_SPLIT_K``
+    forces one; no split under the interpreter unless forced)."""
+    forced = _tuning.forced_split_k()
+    if forced is not None:
+        return forced
+    if x.device.type != "cuda":
+        return 1
+    _, n_sm = _device_limits(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    steps = _tuning.reduction_steps(r, s, cg, x.element_size(), packed)
+    return _tuning.split_k(m, kg, groups, steps, n_sm)
+
+
+@triton.jit
+def _epilogue(acc, out_offs, out_mask, mask_m, k_glob, mask_n, slot0,
+              out_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, plo_ptr, pm2_ptr, M, K,
+              STATS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STAT_ROWS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The fused epilogue of one (BLOCK_M x BLOCK_N) tile from its float32 accumulator: the
+    conv_bn_act output, or conv_stats' rounded z plus the statistics partials of its rows (rows
+    ``slot0 * STAT_ROWS ...``; ``out_offs`` / ``out_mask`` address the tile in the (M, K) output)."""
+    if STATS:
+        z = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + out_offs, z, mask=out_mask)
+        # Statistics of z as stored (rounded), per block of STAT_ROWS rows.
+        zf = tl.where(out_mask, z.to(tl.float32), 0.0)
+        NB: tl.constexpr = BLOCK_M // STAT_ROWS
+        z3 = tl.reshape(zf, (NB, STAT_ROWS, BLOCK_N))
+        cnt = tl.sum(tl.reshape(mask_m.to(tl.float32), (NB, STAT_ROWS)), axis=1)  # (NB,)
+        inv_cnt = 1.0 / tl.maximum(cnt, 1.0)[:, None]
+        # The block mean as an unevaluated sum hi + lo: hi is the float32 mean, lo the mean of
+        # the (exact, as z is close to hi) deviations from it. Keeping lo is what keeps the merged
+        # M2 accurate when |mean| >> std: hi alone carries up to an ulp of |mean| of error.
+        hi = tl.sum(z3, axis=1) * inv_cnt  # (NB, BLOCK_N)
+        valid3 = tl.reshape(mask_m, (NB, STAT_ROWS))
+        dev = tl.where(valid3[:, :, None], z3 - hi[:, None, :], 0.0)
+        lo = tl.sum(dev, axis=1) * inv_cnt
+        m2 = tl.maximum(tl.sum(dev * dev, axis=1) - lo * lo * cnt[:, None], 0.0)
+        slot = slot0 + tl.arange(0, NB)
+        n_slots = tl.cdiv(M, STAT_ROWS)
+        p_offs = slot.to(tl.int64)[:, None] * K + k_glob[None, :]
+        p_mask = (slot < n_slots)[:, None] & mask_n[None, :]
+        tl.store(pmean_ptr + p_offs, hi, mask=p_mask)
+        tl.store(plo_ptr + p_offs, lo, mask=p_mask)
+        tl.store(pm2_ptr + p_offs, m2, mask=p_mask)
+    else:
+        sc = tl.load(scale_ptr + k_glob, mask=mask_n, other=0.0)
+        sh = tl.load(shift_ptr + k_glob, mask=mask_n, other=0.0)
+        y = acc * sc[None, :] + sh[None, :]
+        if HAS_RES:
+            y += tl.load(res_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 _AUTOTUNE_KW = {}
@@ -99,7 +164,7 @@ if "cache_results" in inspect.signature(triton.autotune).parameters:  # triton >
 @triton.autotune(
     configs=_conv_configs(),
     key=["M", "Kg", "Cg", "H", "W", "R", "S", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "GROUPS",
-         "PROLOGUE", "STATS", "HAS_RES", "INPUT_PRECISION"],
+         "PROLOGUE", "STATS", "HAS_RES", "INPUT_PRECISION", "SPLIT_K"],
     prune_configs_by={"early_config_prune": _prune},
     **_AUTOTUNE_KW,
 )
@@ -113,10 +178,11 @@ def conv_kernel(
     res_ptr,  # (N, P, Q, K) x.dtype residual (conv_bn_act with HAS_RES)
     in_scale_ptr, in_shift_ptr,  # (C,) float32 prologue
     pmean_ptr, plo_ptr, pm2_ptr,  # (cdiv(M, STAT_ROWS), K) float32 partials: mean = hi + lo, M2 (STATS)
+    ws_ptr,  # (SPLIT_K, M, K) float32 split-K partial sums (SPLIT_K > 1)
     # sizes
     H, W, C, P, Q, K, M, Cg, Kg,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-    GROUPS,  # programs along grid axis 2; a key of the autotuner, not compiled in
+    GROUPS,  # grid axis 2 has GROUPS * SPLIT_K programs; a key of the autotuner, not compiled in
     R: tl.constexpr, S: tl.constexpr,
     # what to fuse
     PROLOGUE: tl.constexpr,  # apply the input transform at all
@@ -126,12 +192,15 @@ def conv_kernel(
     IS_GEMM: tl.constexpr,  # 1x1, stride 1, no padding, one group: a plain GEMM
     PACK_S: tl.constexpr,  # reduce over contiguous (s, c) runs of S * C, one per kernel row (few channels)
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" (float32 inputs only)
+    SPLIT_K: tl.constexpr,  # programs sharing one output tile's reduction (1: none; chosen by the launcher)
     STAT_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    g = tl.program_id(2)
+    pid_z = tl.program_id(2)
+    g = pid_z // SPLIT_K
+    sk = pid_z - g * SPLIT_K  # which contiguous share of the reduction loop this program runs
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -162,7 +231,14 @@ def conv_kernel(
     else:
         n_cb = tl.cdiv(Cg, BLOCK_K)
         n_it = R * S * n_cb
-    for it in range(0, n_it):
+    if SPLIT_K > 1:
+        per = tl.cdiv(n_it, SPLIT_K)
+        it_lo = sk * per
+        it_hi = tl.minimum(it_lo + per, n_it)  # an empty share (it_lo >= n_it) stores zeros
+    else:
+        it_lo = 0
+        it_hi = n_it
+    for it in range(it_lo, it_hi):
         if PACK_S:
             r = it // n_cb
             jj = (it - r * n_cb) * BLOCK_K + offs_c  # position in the run
@@ -215,39 +291,41 @@ def conv_kernel(
 
     out_offs = m64[:, None] * K + k_glob[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
-    if STATS:
-        z = acc.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + out_offs, z, mask=out_mask)
-        # Statistics of z as stored (rounded), per block of STAT_ROWS rows.
-        zf = tl.where(out_mask, z.to(tl.float32), 0.0)
-        NB: tl.constexpr = BLOCK_M // STAT_ROWS
-        z3 = tl.reshape(zf, (NB, STAT_ROWS, BLOCK_N))
-        cnt = tl.sum(tl.reshape(mask_m.to(tl.float32), (NB, STAT_ROWS)), axis=1)  # (NB,)
-        inv_cnt = 1.0 / tl.maximum(cnt, 1.0)[:, None]
-        # The block mean as an unevaluated sum hi + lo: hi is the float32 mean, lo the mean of
-        # the (exact, as z is close to hi) deviations from it. Keeping lo is what keeps the merged
-        # M2 accurate when |mean| >> std: hi alone carries up to an ulp of |mean| of error.
-        hi = tl.sum(z3, axis=1) * inv_cnt  # (NB, BLOCK_N)
-        valid3 = tl.reshape(mask_m, (NB, STAT_ROWS))
-        dev = tl.where(valid3[:, :, None], z3 - hi[:, None, :], 0.0)
-        lo = tl.sum(dev, axis=1) * inv_cnt
-        m2 = tl.maximum(tl.sum(dev * dev, axis=1) - lo * lo * cnt[:, None], 0.0)
-        slot = pid_m * NB + tl.arange(0, NB)
-        n_slots = tl.cdiv(M, STAT_ROWS)
-        p_offs = slot.to(tl.int64)[:, None] * K + k_glob[None, :]
-        p_mask = (slot < n_slots)[:, None] & mask_n[None, :]
-        tl.store(pmean_ptr + p_offs, hi, mask=p_mask)
-        tl.store(plo_ptr + p_offs, lo, mask=p_mask)
-        tl.store(pm2_ptr + p_offs, m2, mask=p_mask)
+    if SPLIT_K > 1:
+        # Split-K: this program's partial sum, float32, into its slice of the workspace; the
+        # epilogue runs in splitk_epilogue_kernel once every split has written.
+        tl.store(ws_ptr + sk.to(tl.int64) * M * K + out_offs, acc, mask=out_mask)
     else:
-        sc = tl.load(scale_ptr + k_glob, mask=mask_n, other=0.0)
-        sh = tl.load(shift_ptr + k_glob, mask=mask_n, other=0.0)
-        y = acc * sc[None, :] + sh[None, :]
-        if HAS_RES:
-            y += tl.load(res_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
-        if RELU:
-            y = tl.maximum(y, 0.0)
-        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+        _epilogue(acc, out_offs, out_mask, mask_m, k_glob, mask_n, pid_m * (BLOCK_M // STAT_ROWS),
+                  out_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, plo_ptr, pm2_ptr, M, K,
+                  STATS, HAS_RES, RELU, STAT_ROWS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def splitk_epilogue_kernel(
+    ws_ptr,  # (SPLIT_K, M, K) float32 partial sums written by conv_kernel
+    out_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, plo_ptr, pm2_ptr,  # as conv_kernel's
+    M, K,
+    SPLIT_K: tl.constexpr, STATS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    STAT_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Split-K's second launch: sum the SPLIT_K partials of each output element in split order
+    (fixed, so the result does not depend on which program finished first) and run the same
+    fused epilogue as the unsplit kernel."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    k_glob = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = k_glob < K
+    out_offs = offs_m.to(tl.int64)[:, None] * K + k_glob[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    acc = tl.load(ws_ptr + out_offs, mask=out_mask, other=0.0)
+    for sk in tl.static_range(1, SPLIT_K):
+        acc += tl.load(ws_ptr + tl.full([], sk, tl.int64) * M * K + out_offs, mask=out_mask, other=0.0)
+    _epilogue(acc, out_offs, out_mask, mask_m, k_glob, mask_n, pid_m * (BLOCK_M // STAT_ROWS),
+              out_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, plo_ptr, pm2_ptr, M, K,
+              STATS, HAS_RES, RELU, STAT_ROWS, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -344,20 +422,31 @@ def launch_conv(x, weight, stride, padding, dilation, groups, *, in_scale=None, 
     pack_s = _tuning.packs_taps(cg, s, groups, dilation[1])
     dummy = out
     if m > 0 and k > 0:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kg, meta["BLOCK_N"]), groups)  # noqa: E731
+        split = _split_k(x, m, kg, groups, r, s, cg, pack_s)
+        ws = torch.empty((split, m, k), dtype=torch.float32, device=x.device) if split > 1 else dummy
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kg, meta["BLOCK_N"]), groups * split)  # noqa: E731
         launch(conv_kernel, grid,
             x, wp, out,
             dummy if scale is None else scale, dummy if shift is None else shift,
             dummy if residual is None else residual,
             dummy if in_scale is None else in_scale, dummy if in_shift is None else in_shift,
-            pmean, plo, pm2,
+            pmean, plo, pm2, ws,
             h, w, c, p, q, k, m, cg, kg,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             groups, R=r, S=s,
             PROLOGUE=prologue, HAS_IN_SCALE=in_scale is not None, HAS_IN_SHIFT=in_shift is not None,
             IN_RELU=bool(in_relu), STATS=bool(stats), HAS_RES=residual is not None, RELU=bool(relu),
-            IS_GEMM=is_gemm, PACK_S=pack_s, INPUT_PRECISION=_input_precision(x.dtype), STAT_ROWS=STAT_ROWS,
+            IS_GEMM=is_gemm, PACK_S=pack_s, INPUT_PRECISION=_input_precision(x.dtype), SPLIT_K=split,
+            STAT_ROWS=STAT_ROWS,
         )
+        if split > 1:
+            bm = bn = 16 if interpret_mode() else 64
+            launch(splitk_epilogue_kernel, (triton.cdiv(m, bm), triton.cdiv(k, bn)),
+                ws, out, dummy if scale is None else scale, dummy if shift is None else shift,
+                dummy if residual is None else residual, pmean, plo, pm2, m, k,
+                SPLIT_K=split, STATS=bool(stats), HAS_RES=residual is not None, RELU=bool(relu),
+                STAT_ROWS=STAT_ROWS, BLOCK_M=bm, BLOCK_N=bn,
+            )
     if not stats:
         return out
     st = torch.empty((2, k), dtype=torch.float32, device=x.device)

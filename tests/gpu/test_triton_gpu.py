@@ -119,6 +119,37 @@ def test_conv_stats(case, dtype, prologue):
     check_conv_stats(z, stats, x, w, in_scale, in_shift, in_relu, case, dtype, f"conv_stats {case} {prologue}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [Conv(1, 512, 7, 7, 512), Conv(1, 1024, 14, 14, 2048, r=1, stride=2, padding=0),
+                                  Conv(1, 256, 7, 7, 256, groups=32)], ids=str)
+def test_split_k_at_batch_1(case, dtype, monkeypatch):
+    """Small M: the launcher splits the reduction (64x64 tiles would leave SMs idle); the split
+    result holds the same rule, for both epilogues, and the two launches really ran."""
+    from fused_resnet.triton import conv
+
+    seen = []
+    real = conv.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        seen.append((kernel, kwargs.get("SPLIT_K")))
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(conv, "launch", spy)
+    x, w = conv_inputs(case, dtype)
+    scale, shift = vec(case.k, positive=True), vec(case.k)
+    res = rand(case.n, case.k, *case.out_hw(), dtype=dtype)
+    y = T().conv_bn_act(x, w, scale, shift, res, *case.args, True)
+    check_conv_bn_act(y, x, w, scale, shift, res, case, dtype, True, f"split-K conv_bn_act {case}")
+    assert seen[0][0] is conv.conv_kernel and seen[0][1] > 1, seen
+    assert seen[1] == (conv.splitk_epilogue_kernel, seen[0][1]), seen
+    in_scale, in_shift = vec(case.c, positive=True), vec(case.c)
+    z, stats = T().conv_stats(x, w, in_scale, in_shift, True, *case.args)
+    check_conv_stats(z, stats, x, w, in_scale, in_shift, True, case, dtype, f"split-K conv_stats {case}")
+    split = seen[0][1]
+    assert seen[2:] == [(conv.conv_kernel, split), (conv.splitk_epilogue_kernel, split),
+                        (conv.stats_reduce_kernel, None)], seen
+
+
 @pytest.mark.parametrize("case", [RESNET50[1], RESNET50[2], GROUPED[0]], ids=str)
 def test_tf32_follows_cudnn_flag(case):
     """allow_tf32 (PyTorch's default for convolutions): TF32 tensor cores, held to 2x cuDNN's own

@@ -204,3 +204,53 @@ def test_packed_taps_with_prologue_and_padding(case):
     ze, se = ref.conv_stats(f64(x), f64(w), f64(isc), f64(ish), True, st, pad, dil, g)
     assert_matches(z, ze, torch.float32, what=f"z {case}")
     assert_matches(stats[1], se[1], torch.float32, what=f"M2 {case}")
+
+
+# ----------------------------------------------------------------------------- split-K
+# Forced through FUSED_RESNET_TRITON_SPLIT_K (on a GPU the launcher chooses it from the SM count;
+# under the interpreter the default is no split). 7 splits of a short loop leave some shares empty.
+
+
+@pytest.mark.parametrize("split", [2, 7])
+@pytest.mark.parametrize("case", [SMALL_RESNET[0], SMALL_RESNET[1], SMALL_RESNET[5], ODD[5]], ids=str)
+def test_split_k_matches_reference(monkeypatch, case, split):
+    from fused_resnet.triton import conv
+
+    launched = []
+    real = conv.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        launched.append((kernel, kwargs.get("SPLIT_K")))
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(conv, "launch", spy)
+    monkeypatch.setenv("FUSED_RESNET_TRITON_SPLIT_K", str(split))
+    _check_conv_bn_act(case, torch.float32, residual=True, relu=True)
+    assert launched == [(conv.conv_kernel, split), (conv.splitk_epilogue_kernel, split)]
+    _check_conv_stats(case, torch.float32, prologue=True)
+    if case is SMALL_RESNET[0]:
+        _check_conv_bn_act(case, torch.float16, residual=False, relu=False)
+
+
+def test_split_k_stats_stay_accurate_when_mean_dominates(monkeypatch):
+    monkeypatch.setenv("FUSED_RESNET_TRITON_SPLIT_K", "3")
+    test_stats_accurate_when_mean_dominates(1e3, 1.0)
+
+
+def test_split_k_is_deterministic_and_close_to_unsplit(monkeypatch):
+    case = ODD[5]  # C = 33: three channel blocks per tap, 9 loop steps
+    x, w, s, b, r = conv_inputs(case, residual=True)
+    st, pad, dil, g = _args(case)
+    y1 = T.conv_bn_act(x, w, s, b, r, st, pad, dil, g, True)
+    monkeypatch.setenv("FUSED_RESNET_TRITON_SPLIT_K", "4")
+    y4 = T.conv_bn_act(x, w, s, b, r, st, pad, dil, g, True)
+    assert torch.equal(y4, T.conv_bn_act(x, w, s, b, r, st, pad, dil, g, True))
+    torch.testing.assert_close(y4, y1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("raw", ["0", "-2", "two"])
+def test_split_k_env_is_validated(monkeypatch, raw):
+    monkeypatch.setenv("FUSED_RESNET_TRITON_SPLIT_K", raw)
+    x, w, s, b, _ = conv_inputs(ODD[0])
+    with pytest.raises(ValueError, match="FUSED_RESNET_TRITON_SPLIT_K: expected 'auto' or a positive integer"):
+        T.conv_bn_act(x, w, s, b, None, *_args(ODD[0]), True)
