@@ -131,6 +131,10 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true", help="time whole-model inference without CUDA graphs")
     p.add_argument("--no-peaks", action="store_true", help="skip the on-the-spot TFLOP/s and GB/s peak measurement")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's, or 1 when the machine is busy)")
+    p.add_argument("--processes", type=int, metavar="ROUNDS",
+                   help="whole-model timing in ROUNDS rounds of fresh processes, variants alternating, median of "
+                        "the processes' medians (default 3 on cpu, where one process's heap state moves a model's "
+                        "time by 10-30 %%; 0 on cuda; 0 = everything in this process)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the full result as JSON ('-' = stdout, table to stderr)")
     p.add_argument("--csv", metavar="PATH", help="write the result rows as CSV")
@@ -151,6 +155,7 @@ def _bench(args) -> int:
         warmup=args.warmup, repeats=args.repeats, n_buffers=args.buffers, cuda_graphs=not args.no_cuda_graphs,
         peaks=not args.no_peaks, progress=not args.no_progress, seed=args.seed,
         compile_levels=_csv_list(args.compile_levels), time_budget_s=args.time_budget, threads=args.threads,
+        processes=args.processes,
     )
     try:
         result = run_bench(cfg, argv=["fused-resnet"] + list(args.argv))

@@ -63,6 +63,17 @@ def test_flops_and_min_bytes_by_hand():
 # ----------------------------------------------------------------------------- timing
 
 
+def test_combine_processes_is_the_median_of_process_medians():
+    a = timing.summarize([10.0, 11.0, 30.0], "perf_counter")  # median 11
+    b = timing.summarize([20.0, 21.0, 22.0], "perf_counter")  # median 21
+    c = timing.summarize([12.0, 13.0], "perf_counter")  # median 12.5
+    t = timing.combine_processes([a, b, c])
+    assert t.median_ms == 12.5 and t.repeats == 8
+    assert t.p20_ms == timing.summarize(a.samples + b.samples + c.samples, "x").p20_ms
+    assert "median of 3 fresh processes' medians" in t.method
+    assert "samples" not in t.as_dict()
+
+
 def test_summarize_quantiles():
     t = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0], "x")
     assert (t.median_ms, t.p20_ms, t.p80_ms, t.repeats) == (3.0, 1.8, 4.2, 5)
@@ -125,6 +136,7 @@ def test_progress_plain_fallback(capsys):
     ("backends", ("gpu",), "backends: expected a subset"),
     ("size", 16, "size: expected >= 32"),
     ("device", "tpu", "device: expected"),
+    ("processes", -1, "processes: expected 0"),
 ])
 def test_config_rejects_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -135,6 +147,7 @@ def test_config_rejects_bad_values(field, value, match):
 def test_cpu_defaults_and_what_is_skipped():
     cfg = config.resolve(config.BenchConfig())
     assert (cfg.device, cfg.dtype, cfg.batch, cfg.train_batch) == ("cpu", "float32", 8, 4)
+    assert cfg.processes == 3  # whole-model timing in fresh processes on a CPU
     assert "compile" not in cfg.baselines and "cudnn_fused" not in cfg.baselines
     whats = " ".join(s["what"] for s in cfg.skipped)
     assert "compile" in whats and "fused:cuda" in whats
@@ -306,3 +319,54 @@ def test_count_launches_sees_ops_inside_a_training_tape(monkeypatch):
     assert type(blk(x).grad_fn).__name__ == "BlockFunctionBackward"
     # 3 units x (conv_stats, bn_finalize, bn_update_running_stats) + one bn_add_act
     assert timing.count_launches(lambda: blk(x), torch.device("cpu")) == (10, "top-level ops")
+
+
+# ----------------------------------------------------------------------------- fresh processes
+
+
+def _tiny_model_cfg(**kw):
+    return config.resolve(config.BenchConfig(model="resnet18", device="cpu", batch=2, train_batch=2, size=32,
+                                             modes=("inference",), levels=("model",), backends=("cpu",),
+                                             baselines=("eager_cl",), repeats=2, warmup=0, peaks=False,
+                                             progress=False, threads=1, **kw))
+
+
+@requires_c
+def test_model_timing_in_fresh_processes():
+    """Each variant is timed in its own process per round; the row's median is the median of the
+    processes' medians, and the errors come from the children's real runs against float64."""
+    from fused_resnet.bench._util import Progress
+    from fused_resnet.bench.models import bench_models, build_torchvision
+
+    cfg = _tiny_model_cfg(processes=2)
+    rows = bench_models(cfg, build_torchvision("resnet18", 0), None, Progress(2, "t", False))
+    assert [r["variant"] for r in rows] == ["fused:cpu", "eager_cl"]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert len(r["process_medians_ms"]) == 2
+        assert r["median_ms"] == pytest.approx(sum(r["process_medians_ms"]) / 2)
+        assert r["repeats"] == 4 and "2 fresh processes" in r["timing_method"]
+        assert 0 < r["max_rel_err"] < 1e-4
+        assert r["images_per_s"] == pytest.approx(2 / (r["median_ms"] * 1e-3))
+    assert rows[0]["launches"] < rows[1]["launches"]  # counted in the first round's child
+
+
+@requires_c
+def test_a_failing_child_process_gives_a_failed_row(monkeypatch):
+    import subprocess
+
+    from fused_resnet.bench._util import Progress
+    from fused_resnet.bench.models import bench_models, build_torchvision
+
+    real = subprocess.run
+
+    def run(cmd, **kw):
+        if "fused_resnet.bench._isolated" in cmd:
+            return real([cmd[0], "-c", "import sys; sys.exit('boom: no model here')"], **kw)
+        return real(cmd, **kw)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    cfg = _tiny_model_cfg(processes=1)
+    rows = bench_models(cfg, build_torchvision("resnet18", 0), None, Progress(2, "t", False))
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert "process exited with 1: boom: no model here" in rows[0]["reason"]

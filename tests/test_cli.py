@@ -42,7 +42,7 @@ def test_console_script_is_installed():
 # ----------------------------------------------------------------------------- bench and check
 
 TINY = ["bench", "--model", "resnet18", "--batch", "1", "--train-batch", "2", "--layer-batch", "1", "--size", "32",
-        "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-progress"]
+        "--repeats", "1", "--warmup", "0", "--threads", "1", "--processes", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")

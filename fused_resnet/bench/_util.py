@@ -114,23 +114,31 @@ def make_row(level: str, mode: str, name: str, label: str, variant: str, *, timi
         "pct_conv_only_tflops": None,
     }
     if timing is not None:
-        t = timing.median_ms * 1e-3
-        r.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, repeats=timing.repeats,
-                 timing_method=timing.method)
-        if batch:
-            r["images_per_s"] = batch / t
-        if flops:
-            r["tflops"] = flops / t / 1e12
-            if peaks and peaks.get("tflops"):
-                r["pct_peak_tflops"] = 100 * r["tflops"] / peaks["tflops"]
-        if min_bytes:
-            r["gbps"] = min_bytes / t / 1e9
-            if peaks and peaks.get("gbps"):
-                r["pct_peak_gbps"] = 100 * r["gbps"] / peaks["gbps"]
+        set_timing(r, timing, peaks)
     if launches is not None:
         r["launches"], r["launch_unit"] = launches
     if extra:
         r.update(extra)
+    return r
+
+
+def set_timing(r: dict, timing, peaks: dict | None) -> dict:
+    """Fill (or replace) a row's timing and the rates derived from it (its ``batch``, ``flops``
+    and ``min_bytes`` over ``timing.median_ms``)."""
+    t = timing.median_ms * 1e-3
+    r.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, repeats=timing.repeats,
+             timing_method=timing.method, images_per_s=None, tflops=None, pct_peak_tflops=None, gbps=None,
+             pct_peak_gbps=None)
+    if r.get("batch"):
+        r["images_per_s"] = r["batch"] / t
+    if r.get("flops"):
+        r["tflops"] = r["flops"] / t / 1e12
+        if peaks and peaks.get("tflops"):
+            r["pct_peak_tflops"] = 100 * r["tflops"] / peaks["tflops"]
+    if r.get("min_bytes"):
+        r["gbps"] = r["min_bytes"] / t / 1e9
+        if peaks and peaks.get("gbps"):
+            r["pct_peak_gbps"] = 100 * r["gbps"] / peaks["gbps"]
     return r
 
 

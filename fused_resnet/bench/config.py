@@ -49,6 +49,14 @@ class BenchConfig:
     threads: int | None = None  # CPU threads; None = torch's default, or 1 when the machine is busy (see resolve)
     compile_levels: tuple[str, ...] = LEVELS  # levels at which the compile baseline runs
     time_budget_s: float | None = None  # no new measurement after this many seconds (rest: skipped)
+    #: Whole-model timing in this many rounds of fresh processes (one process per variant per round,
+    #: the variants alternating within a round; the figure is the median of the processes' medians),
+    #: or 0 = every variant in this process, one after another. Default: 3 on a CPU, 0 on CUDA.
+    #: Why: on a CPU a model's time follows its process's heap state (fresh large outputs fault
+    #: their pages in or not) -- one-process runs of the same code gave eager_cl 461 ms in one
+    #: process and 628-690 ms in two others (benchmarks/NOTES.md, 2026-12-05); on a GPU device
+    #: events and the caching allocator make one process reliable.
+    processes: int | None = None
     skipped: list[dict] = field(default_factory=list)  # what was left out and why, filled by resolve
     baselines_explicit: bool = False  # the user named the baselines (set by resolve)
     threads_reason: str = ""  # why cfg.threads has its value (set by resolve)
@@ -97,6 +105,10 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
     if cfg.repeats < 1:
         raise ValueError(f"repeats: expected >= 1, got {cfg.repeats}")
     cfg.n_buffers = cfg.n_buffers or (3 if gpu else 2)
+    if cfg.processes is None:
+        cfg.processes = 0 if gpu else 3
+    if cfg.processes < 0:
+        raise ValueError(f"processes: expected 0 (this process) or a positive number of rounds, got {cfg.processes}")
     _set_threads(cfg)
     for m in cfg.modes:
         if m not in MODES:

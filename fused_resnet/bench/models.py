@@ -12,6 +12,12 @@ capture fails the row says so and eager launches are timed instead. Training is 
 forward, cross-entropy loss on random labels and backward (no optimizer step); peak memory
 is ``torch.cuda.max_memory_allocated`` during one such step (CUDA only).
 
+On a CPU (``BenchConfig.processes``, ``--processes``; default 3 rounds there, 0 on CUDA) each
+variant is timed in fresh processes instead (:mod:`._isolated`), one per variant per round with
+the variants alternating, and reported as the median of the processes' medians: a model's CPU
+time follows its process's heap state (whether large fresh outputs fault their pages in), which
+made one-process figures of the same code differ by up to 30 %.
+
 Errors: logits (and in training the gradient of the first conv's weight) against the
 torchvision model in float64 on the same input, ``max|got - ref| / max|ref|``.
 """
@@ -27,7 +33,7 @@ from torch import nn
 from fused_resnet import backends
 
 from . import timing
-from ._util import CL, backend_env, make_row, rand, randomize_bn, rel_err
+from ._util import CL, backend_env, make_row, rand, randomize_bn, rel_err, set_timing
 from .config import BenchConfig, compile_at, over_budget
 from .fusing import fused_model
 from .shapes import conv_shapes, model_flops
@@ -56,31 +62,40 @@ def bench_models(cfg: BenchConfig, tv: nn.Module, peaks: dict | None, progress) 
     return rows
 
 
-def _bench_mode(cfg, tv, mode, peaks, progress) -> list[dict]:
-    dev, dt, nb = cfg.torch_device, cfg.torch_dtype, cfg.n_buffers
-    train = mode == "training"
-    batch = cfg.train_batch if train else cfg.batch
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
-    xs = [rand((batch, 3, cfg.size, cfg.size), dev, dt, gen) for _ in range(nb)]
-    labels = [torch.randint(0, 1000, (batch,), generator=gen).to(dev) for _ in range(nb)]
-    base = copy.deepcopy(tv).train(train)
-    flops = model_flops(base, batch, cfg.size) * (3 if train else 1)
-    elem = torch.empty((), dtype=dt).element_size()
-    nbytes = None if train else sum(s.min_bytes(elem) * s.count for s in conv_shapes(base, batch, cfg.size))
-    name = cfg.model
-    label = f"{name} {cfg.size}x{cfg.size}"
+class _Prep:
+    """What every variant of one mode shares: inputs, labels, the base model and its figures."""
 
-    # float64 reference on buffer 0
-    ref = copy.deepcopy(base).to(device=dev, dtype=torch.float64)
-    with torch.set_grad_enabled(train):
-        out = ref(xs[0].to(torch.float64))
+    def __init__(self, cfg, tv, mode):
+        dev, dt, nb = cfg.torch_device, cfg.torch_dtype, cfg.n_buffers
+        self.train = train = mode == "training"
+        self.batch = batch = cfg.train_batch if train else cfg.batch
+        gen = torch.Generator().manual_seed(cfg.seed + 2)
+        self.xs = [rand((batch, 3, cfg.size, cfg.size), dev, dt, gen) for _ in range(nb)]
+        self.labels = [torch.randint(0, 1000, (batch,), generator=gen).to(dev) for _ in range(nb)]
+        self.base = base = copy.deepcopy(tv).train(train)
+        self.flops = model_flops(base, batch, cfg.size) * (3 if train else 1)
+        elem = torch.empty((), dtype=dt).element_size()
+        self.nbytes = None if train else sum(s.min_bytes(elem) * s.count for s in conv_shapes(base, batch, cfg.size))
+        self.label = f"{cfg.model} {cfg.size}x{cfg.size}"
+
+
+def _reference(cfg, prep: _Prep):
+    """float64 logits (and first-conv weight gradient in training) on buffer 0."""
+    ref = copy.deepcopy(prep.base).to(device=cfg.torch_device, dtype=torch.float64)
+    with torch.set_grad_enabled(prep.train):
+        out = ref(prep.xs[0].to(torch.float64))
         ref_logits = out.detach()
         ref_gw = None
-        if train:
-            TF.cross_entropy(out, labels[0]).backward()
+        if prep.train:
+            TF.cross_entropy(out, prep.labels[0]).backward()
             ref_gw = _first_conv_weight(ref).grad.detach()
-    del ref, out
+    return ref_logits, ref_gw
 
+
+def _variants(cfg, prep: _Prep) -> dict:
+    """``{variant: (module or "compile"/"compile_max", channels_last, impl, why-not or None,
+    backend, graphs)}`` in the order the rows are reported."""
+    dev, dt, train, base, name = cfg.torch_device, cfg.torch_dtype, prep.train, prep.base, cfg.model
     variants: dict = {}
     for b in cfg.backends:
         why = backends.unsupported_reason(b, dev, dt, "conv_stats" if train else "conv_bn_act")
@@ -108,28 +123,105 @@ def _bench_mode(cfg, tv, mode, peaks, progress) -> list[dict]:
             why = "max-autotune tunes GPU kernels; GPU figures need a GPU"
         variants["compile_max"] = ("compile_max", True, "torch.compile(mode='max-autotune') + inductor freezing",
                                    why, None, "own")
+    return variants
 
-    rows = []
-    for variant, (mod, cl, impl, why, b, graphs) in variants.items():
-        common = dict(batch=batch, flops=flops, min_bytes=nbytes, peaks=peaks, impl=impl)
+
+def _bench_mode(cfg, tv, mode, peaks, progress) -> list[dict]:
+    prep = _Prep(cfg, tv, mode)
+    ref_logits, ref_gw = _reference(cfg, prep)
+    variants = _variants(cfg, prep)
+    names = list(variants)  # report order
+    common = dict(batch=prep.batch, flops=prep.flops, min_bytes=prep.nbytes, peaks=peaks)
+    rows: dict[str, dict] = {}
+    runnable = []
+    for variant, (_mod, _cl, impl, why, _b, _graphs) in variants.items():
         if why is None and over_budget(cfg, f"model {mode} {variant}"):
             why = "time budget spent"
         if why is not None:
-            rows.append(make_row("model", mode, name, label, variant, status="skipped", reason=why, **common))
+            rows[variant] = make_row("model", mode, cfg.model, prep.label, variant, status="skipped", reason=why,
+                                     impl=impl, **common)
             progress.step(f"{variant} {mode} (skipped)")
-            continue
-        try:
-            rows.append(_run_variant(cfg, mode, name, label, variant, mod, cl, b, graphs, base, xs, labels,
-                                     ref_logits, ref_gw, common))
-        except Exception as exc:
-            rows.append(make_row("model", mode, name, label, variant, status="failed",
-                                 reason=f"{type(exc).__name__}: {exc}"[:300], **common))
-        progress.step(f"{variant} {mode}")
+        else:
+            runnable.append(variant)
+    if cfg.processes:
+        variants.clear()  # the children build their own; free these copies first
+        rows.update(_run_in_processes(cfg, mode, prep, runnable, ref_logits, ref_gw, peaks, progress))
+    else:
+        for variant in runnable:
+            mod, cl, impl, why, b, graphs = variants[variant]
+            try:
+                rows[variant] = _run_variant(cfg, mode, variant, mod, cl, b, graphs, prep, ref_logits, ref_gw,
+                                             dict(common, impl=impl))[0]
+            except Exception as exc:
+                rows[variant] = make_row("model", mode, cfg.model, prep.label, variant, status="failed",
+                                         reason=f"{type(exc).__name__}: {exc}"[:300], impl=impl, **common)
+            progress.step(f"{variant} {mode}")
+    return [rows[v] for v in names]
+
+
+def _run_in_processes(cfg, mode, prep, runnable, ref_logits, ref_gw, peaks, progress) -> dict[str, dict]:
+    """Time each variant in ``cfg.processes`` rounds of fresh processes, alternating the variants
+    within a round (``python -m fused_resnet.bench._isolated``; see :class:`.config.BenchConfig`)."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    results: dict[str, list] = {v: [] for v in runnable}
+    failed: dict[str, dict] = {}
+    common = dict(batch=prep.batch, flops=prep.flops, min_bytes=prep.nbytes, peaks=peaks)
+    cfg_d = dataclasses.asdict(cfg)
+    cfg_d.pop("skipped")
+    with tempfile.TemporaryDirectory(prefix="fused_resnet_bench_") as tmp:
+        ref_path = os.path.join(tmp, "ref.pt")
+        torch.save({"logits": ref_logits.cpu(), "gw": None if ref_gw is None else ref_gw.cpu()}, ref_path)
+        for rnd in range(cfg.processes):
+            for v in runnable:
+                if v in failed or over_budget(cfg, f"model {mode} {v}, process round {rnd + 1}"):
+                    continue
+                spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+                if os.path.exists(out_path):
+                    os.remove(out_path)
+                with open(spec_path, "w") as f:
+                    json.dump({"cfg": cfg_d, "mode": mode, "variant": v, "ref": ref_path, "peaks": peaks,
+                               "out": out_path, "count_launches": rnd == 0}, f)
+                proc = subprocess.run([sys.executable, "-m", "fused_resnet.bench._isolated", spec_path],
+                                      capture_output=True, text=True)
+                if proc.returncode != 0 or not os.path.exists(out_path):
+                    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                    failed[v] = make_row("model", mode, cfg.model, prep.label, v, status="failed",
+                                         reason=f"process exited with {proc.returncode}: {tail}"[:300], **common)
+                    continue
+                with open(out_path) as f:
+                    res = json.load(f)
+                if res["row"]["status"] != "ok":
+                    failed[v] = res["row"]
+                else:
+                    results[v].append(res)
+    rows = {}
+    for v in runnable:
+        if v in failed:
+            rows[v] = failed[v]
+        elif not results[v]:
+            rows[v] = make_row("model", mode, cfg.model, prep.label, v, status="skipped",
+                               reason="time budget spent", **common)
+        else:
+            per = [timing.Timing(**r["timing"]) for r in results[v]]
+            row = results[v][0]["row"]  # the first round's errors and launch count
+            set_timing(row, timing.combine_processes(per), peaks)
+            row["process_medians_ms"] = [t.median_ms for t in per]
+            rows[v] = row
+        progress.step(f"{v} {mode}")
     return rows
 
 
-def _run_variant(cfg, mode, name, label, variant, mod, cl, b, graphs, base, xs, labels, ref_logits, ref_gw, common):
+def _run_variant(cfg, mode, variant, mod, cl, b, graphs, prep: _Prep, ref_logits, ref_gw, common,
+                 count_launches: bool = True):
+    """Measure one variant in this process: ``(row, timing)``."""
     dev, dt, nb = cfg.torch_device, cfg.torch_dtype, cfg.n_buffers
+    name, label, base, xs, labels = cfg.model, prep.label, prep.base, prep.xs, prep.labels
     train = mode == "training"
     notes = []
     if mod in ("compile", "compile_max"):
@@ -186,7 +278,7 @@ def _run_variant(cfg, mode, name, label, variant, mod, cl, b, graphs, base, xs, 
                 peak = torch.cuda.max_memory_allocated() / 2**20
             # the error call fn(0) was the first warm-up call of an uncaptured variant
             t = timing.measure(timed, dev, cfg.warmup - (timed is fn and cfg.warmup > 0), cfg.repeats)
-            if variant.startswith("fused") or variant in ("eager", "eager_cl"):
+            if count_launches and (variant.startswith("fused") or variant in ("eager", "eager_cl")):
                 launches = timing.count_launches(lambda: fn(1), dev)
         finally:
             if mod == "compile_max":
@@ -197,4 +289,4 @@ def _run_variant(cfg, mode, name, label, variant, mod, cl, b, graphs, base, xs, 
     if notes:
         common["impl"] = common["impl"] + " [" + "; ".join(notes) + "]"
     return make_row("model", mode, name, label, variant, timing=t, launches=launches, err=err,
-                    err_vs=f"torchvision {name} in float64", peak_mem_mib=peak, extra=errs, **common)
+                    err_vs=f"torchvision {name} in float64", peak_mem_mib=peak, extra=errs, **common), t

@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -39,9 +39,12 @@ class Timing:
     p80_ms: float
     repeats: int
     method: str
+    samples: list[float] = field(default_factory=list, repr=False)  # the per-call times, in call order
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("samples")
+        return d
 
 
 def _quantile(sorted_vals: list[float], q: float) -> float:
@@ -55,7 +58,17 @@ def _quantile(sorted_vals: list[float], q: float) -> float:
 
 def summarize(times_ms: list[float], method: str) -> Timing:
     s = sorted(times_ms)
-    return Timing(statistics.median(s), _quantile(s, 0.2), _quantile(s, 0.8), len(s), method)
+    return Timing(statistics.median(s), _quantile(s, 0.2), _quantile(s, 0.8), len(s), method, list(times_ms))
+
+
+def combine_processes(per_process: list[Timing]) -> Timing:
+    """One figure from timings taken in several fresh processes: the median of the processes'
+    medians (a process whose heap or thread state happened to be slow or fast moves it by at most
+    one rank), with the 20th/80th percentiles and count of all their calls pooled."""
+    pooled = [t for tm in per_process for t in tm.samples]
+    out = summarize(pooled, f"{per_process[0].method}, median of {len(per_process)} fresh processes' medians")
+    out.median_ms = statistics.median(tm.median_ms for tm in per_process)
+    return out
 
 
 def measure(fn: Callable[[int], object], device: torch.device, warmup: int, repeats: int) -> Timing:
