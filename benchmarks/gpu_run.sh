@@ -25,7 +25,14 @@
 #                    cudnn_fused; the time left is shared between the batches. Run it as a second
 #                    call on the warm machine: SKIP_BUILD=1 SKIP_TESTS=1 BENCH_STEPS=layers benchmarks/gpu_run.sh
 #                    (6 files then; with main and max too it would be 10, over the limit of 8)
+#                 d) batch-1 latency (only when BENCH_STEPS names "b1"): whole-model inference at
+#                    batch 1 (CUDA graphs), fused cuda + triton vs eager; results/model_b1.json. With
+#                    the layers step: SKIP_BUILD=1 SKIP_TESTS=1 BENCH_STEPS=layers,b1 (7 files)
 #   5. summary    the short table, printed last
+#
+# Device time: a session now gets 15 minutes of it in all (start, idle and every call included):
+# one full call (GPU_RUN_BUDGET_S, default 570 s) plus a short second call on the warm machine,
+# e.g. GPU_RUN_BUDGET_S=200 SKIP_BUILD=1 SKIP_TESTS=1 BENCH_STEPS=layers,b1 LAYER_BATCHES=256.
 #
 # Writes (8 files, the device tool's limit): build.log, check.log, tests.log, bench.log,
 # results/<time>_<gpu>_resnet50_bfloat16.{json,md,png} (JSON + markdown + plot with GPU name,
@@ -124,6 +131,23 @@ if [ "${BENCH_STEPS#*,layers,}" != "$BENCH_STEPS" ]; then
     shift
   done
 fi
+# 4d. batch-1 latency (only when BENCH_STEPS names "b1"): whole-model inference at batch 1, CUDA
+#     graphs on both sides (issue #7's latency target), fused cuda + triton (the latter exercises
+#     Triton's split-K, which only small M triggers) vs eager NCHW / channels_last
+B1_RC=skipped
+if [ "${BENCH_STEPS#*,b1,}" != "$BENCH_STEPS" ]; then
+  RESERVE=0; [ "${BENCH_STEPS#*,max,}" != "$BENCH_STEPS" ] && RESERVE=160
+  B1=$(( $(left) - 20 - RESERVE ))
+  step "bench batch-1 latency, budget ${B1}s (log: bench.log, results/model_b1.json)"
+  if [ "$B1" -gt 40 ]; then
+    timeout $(( B1 + 20 )) "$PY" -m fused_resnet.cli bench --no-progress --levels model --mode inference \
+      --batch 1 --backends cuda,triton --baselines eager,eager_cl --time-budget "$B1" \
+      --json results/model_b1.json ${BENCH_ARGS:-} >> bench.log 2>&1
+    B1_RC=$?
+  else
+    echo "no time left for the batch-1 run" | tee -a bench.log; B1_RC=none
+  fi
+fi
 # 4b. torch.compile(mode="max-autotune") + freezing, whole-model inference only, in its own process
 #     so that a tuning run cut by the timeout loses only this row
 MAXT=$(( $(left) - 20 ))
@@ -140,7 +164,7 @@ else
 fi
 
 step "summary"
-echo "build rc=$BUILD_RC  check rc=$CHECK_RC  tests rc=$TESTS_RC  igemm tests rc=$IGEMM_TESTS_RC  igemm bench rc=$IGEMM_RC  bench rc=$BENCH_RC  per-layer rc=$LAYERS_RC  max-autotune rc=$MAX_RC (124 = timed out)"
+echo "build rc=$BUILD_RC  check rc=$CHECK_RC  tests rc=$TESTS_RC  igemm tests rc=$IGEMM_TESTS_RC  igemm bench rc=$IGEMM_RC  bench rc=$BENCH_RC  per-layer rc=$LAYERS_RC  batch-1 rc=$B1_RC  max-autotune rc=$MAX_RC (124 = timed out)"
 "$PY" - <<'PYEOF'
 import glob, json
 from fused_resnet.bench import report
