@@ -370,3 +370,21 @@ def test_a_failing_child_process_gives_a_failed_row(monkeypatch):
     rows = bench_models(cfg, build_torchvision("resnet18", 0), None, Progress(2, "t", False))
     assert [r["status"] for r in rows] == ["failed", "failed"]
     assert "process exited with 1: boom: no model here" in rows[0]["reason"]
+
+
+@requires_c
+def test_a_timing_process_builds_only_its_variant():
+    from fused_resnet.bench.models import _Prep, _variants, build_torchvision
+
+    cfg = _tiny_model_cfg(processes=1)
+    prep = _Prep(cfg, build_torchvision("resnet18", 0), "inference")
+    assert list(_variants(cfg, prep)) == ["fused:cpu", "eager_cl"]
+    assert list(_variants(cfg, prep, only="eager_cl")) == ["eager_cl"]
+    only_fused = _variants(cfg, prep, only="fused:cpu")
+    assert list(only_fused) == ["fused:cpu"] and only_fused["fused:cpu"][0] is not None
+
+
+def test_cpu_model_warmup():
+    assert config.warmup_for(config.resolve(config.BenchConfig(device="cpu")), "model") == 3
+    assert config.warmup_for(config.resolve(config.BenchConfig(device="cpu")), "layer") == 1
+    assert config.warmup_for(config.resolve(config.BenchConfig(device="cpu", warmup=0)), "model") == 0

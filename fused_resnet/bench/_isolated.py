@@ -12,6 +12,7 @@ same computation.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import sys
 
@@ -37,9 +38,12 @@ def main(argv: list[str]) -> int:
     ref = torch.load(spec["ref"])
     ref_logits = ref["logits"].to(cfg.torch_device)
     ref_gw = None if ref["gw"] is None else ref["gw"].to(cfg.torch_device)
-    mod, cl, impl, why, b, graphs = _variants(cfg, prep)[variant]
+    mod, cl, impl, why, b, graphs = _variants(cfg, prep, only=variant)[variant]
     if why is not None:  # the parent found it runnable: a difference here is an error
         raise RuntimeError(f"{variant}: not runnable in the child process: {why}")
+    if mod not in ("compile", "compile_max"):
+        prep.base = None  # only the compile variants copy it while running; hold one model, as a user would
+        gc.collect()
     common = dict(batch=prep.batch, flops=prep.flops, min_bytes=prep.nbytes, peaks=spec["peaks"], impl=impl)
     row, t = _run_variant(cfg, mode, variant, mod, cl, b, graphs, prep, ref_logits, ref_gw, common,
                           count_launches=spec["count_launches"])

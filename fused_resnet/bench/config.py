@@ -60,6 +60,7 @@ class BenchConfig:
     skipped: list[dict] = field(default_factory=list)  # what was left out and why, filled by resolve
     baselines_explicit: bool = False  # the user named the baselines (set by resolve)
     threads_reason: str = ""  # why cfg.threads has its value (set by resolve)
+    warmup_explicit: bool = False  # the user set the warm-up (set by resolve)
 
     @property
     def torch_device(self) -> torch.device:
@@ -100,6 +101,7 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
             raise ValueError(f"{name}: expected a positive integer, got {getattr(cfg, name)}")
     if cfg.size < 32:
         raise ValueError(f"size: expected >= 32 (a ResNet downsamples 32x), got {cfg.size}")
+    cfg.warmup_explicit = cfg.warmup is not None
     cfg.warmup = cfg.warmup if cfg.warmup is not None else (10 if gpu else 1)
     cfg.repeats = cfg.repeats or (50 if gpu else 3)
     if cfg.repeats < 1:
@@ -202,6 +204,15 @@ def over_budget(cfg: BenchConfig, what: str) -> bool:
         return False
     cfg.skipped.append({"what": what, "why": f"--time-budget {cfg.time_budget_s:g} s spent"})
     return True
+
+
+def warmup_for(cfg: BenchConfig, level: str) -> int:
+    """Untimed warm-up calls: on a CPU a whole model gets at least 3 unless ``--warmup`` was
+    given (as ``benchmarks/cpu_ab.py`` does): in a fresh process (``--processes``) the first
+    forwards also fault in the heap and pack weights, which is not what a running model costs."""
+    if cfg.device == "cpu" and level == "model" and not cfg.warmup_explicit:
+        return max(cfg.warmup, 3)
+    return cfg.warmup
 
 
 def repeats_for(cfg: BenchConfig, level: str) -> int:

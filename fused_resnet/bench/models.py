@@ -34,7 +34,7 @@ from fused_resnet import backends
 
 from . import timing
 from ._util import CL, backend_env, make_row, rand, randomize_bn, rel_err, set_timing
-from .config import BenchConfig, compile_at, over_budget
+from .config import BenchConfig, compile_at, over_budget, warmup_for
 from .fusing import fused_model
 from .shapes import conv_shapes, model_flops
 
@@ -92,12 +92,15 @@ def _reference(cfg, prep: _Prep):
     return ref_logits, ref_gw
 
 
-def _variants(cfg, prep: _Prep) -> dict:
+def _variants(cfg, prep: _Prep, only: str | None = None) -> dict:
     """``{variant: (module or "compile"/"compile_max", channels_last, impl, why-not or None,
-    backend, graphs)}`` in the order the rows are reported."""
+    backend, graphs)}`` in the order the rows are reported; with ``only``, just that variant is
+    built (a timing process holds no other model: they would change its heap)."""
     dev, dt, train, base, name = cfg.torch_device, cfg.torch_dtype, prep.train, prep.base, cfg.model
     variants: dict = {}
     for b in cfg.backends:
+        if only is not None and only != f"fused:{b}":
+            continue
         why = backends.unsupported_reason(b, dev, dt, "conv_stats" if train else "conv_bn_act")
         mod, impl = None, "fused model"
         if why is None:
@@ -106,10 +109,12 @@ def _variants(cfg, prep: _Prep) -> dict:
             except Exception as exc:
                 why = f"no fused model: {type(exc).__name__}: {exc}"[:200]
         variants[f"fused:{b}"] = (mod, True, impl, why, b, "graph")
-    if "eager" in cfg.baselines:
+    if only is not None and only.startswith("fused:"):
+        return variants
+    if "eager" in cfg.baselines and only in (None, "eager"):
         variants["eager"] = (copy.deepcopy(base), False, f"torchvision.models.{name}, eager (NCHW)", None, None,
                              "graph")
-    if "eager_cl" in cfg.baselines:
+    if "eager_cl" in cfg.baselines and only in (None, "eager_cl"):
         variants["eager_cl"] = (copy.deepcopy(base), True, f"torchvision.models.{name}, eager (channels_last)",
                                 None, None, "graph")
     if compile_at(cfg, "model"):
@@ -277,7 +282,8 @@ def _run_variant(cfg, mode, variant, mod, cl, b, graphs, prep: _Prep, ref_logits
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated() / 2**20
             # the error call fn(0) was the first warm-up call of an uncaptured variant
-            t = timing.measure(timed, dev, cfg.warmup - (timed is fn and cfg.warmup > 0), cfg.repeats)
+            warm = warmup_for(cfg, "model")
+            t = timing.measure(timed, dev, warm - (timed is fn and warm > 0), cfg.repeats)
             if count_launches and (variant.startswith("fused") or variant in ("eager", "eager_cl")):
                 launches = timing.count_launches(lambda: fn(1), dev)
         finally:
