@@ -233,3 +233,19 @@ def conv_out_hw(cfg: dict) -> tuple[int, int]:
     return tuple((size + 2 * p - d * (kk - 1) - 1) // stp + 1 for size, p, d, kk, stp in
                  zip((cfg["h"], cfg["w"]), cfg["padding"], cfg["dilation"], (cfg["r"], cfg["s"]), cfg["stride"],
                      strict=True))
+
+
+def spy_triton_launches(monkeypatch) -> list[tuple]:
+    """Record every launch of the Triton backend's conv launcher as ``(kernel, kwargs)`` (the
+    kernels still run). Imports triton: call it only where triton may be imported."""
+    from fused_resnet.triton import conv
+
+    launched: list[tuple] = []
+    real = conv.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        launched.append((kernel, kwargs))
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(conv, "launch", spy)
+    return launched

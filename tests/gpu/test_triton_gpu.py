@@ -125,26 +125,23 @@ def test_conv_stats(case, dtype, prologue):
 def test_split_k_at_batch_1(case, dtype, monkeypatch):
     """Small M: the launcher splits the reduction (64x64 tiles would leave SMs idle); the split
     result holds the same rule, for both epilogues, and the two launches really ran."""
+    from conftest import spy_triton_launches
+
     from fused_resnet.triton import conv
 
-    seen = []
-    real = conv.launch
-
-    def spy(kernel, grid, *args, **kwargs):
-        seen.append((kernel, kwargs.get("SPLIT_K")))
-        return real(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(conv, "launch", spy)
+    launched = spy_triton_launches(monkeypatch)
     x, w = conv_inputs(case, dtype)
     scale, shift = vec(case.k, positive=True), vec(case.k)
     res = rand(case.n, case.k, *case.out_hw(), dtype=dtype)
     y = T().conv_bn_act(x, w, scale, shift, res, *case.args, True)
     check_conv_bn_act(y, x, w, scale, shift, res, case, dtype, True, f"split-K conv_bn_act {case}")
+    seen = [(k, kw.get("SPLIT_K")) for k, kw in launched]
     assert seen[0][0] is conv.conv_kernel and seen[0][1] > 1, seen
     assert seen[1] == (conv.splitk_epilogue_kernel, seen[0][1]), seen
     in_scale, in_shift = vec(case.c, positive=True), vec(case.c)
     z, stats = T().conv_stats(x, w, in_scale, in_shift, True, *case.args)
     check_conv_stats(z, stats, x, w, in_scale, in_shift, True, case, dtype, f"split-K conv_stats {case}")
+    seen = [(k, kw.get("SPLIT_K")) for k, kw in launched]
     split = seen[0][1]
     assert seen[2:] == [(conv.conv_kernel, split), (conv.splitk_epilogue_kernel, split),
                         (conv.stats_reduce_kernel, None)], seen

@@ -13,7 +13,7 @@ require_interpreter()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import ConvCase, assert_matches, conv_inputs, f64, rand, vec  # noqa: E402
+from conftest import ConvCase, assert_matches, conv_inputs, f64, rand, spy_triton_launches, vec  # noqa: E402
 
 from fused_resnet import reference as ref  # noqa: E402
 from fused_resnet.triton import load_ops  # noqa: E402
@@ -177,19 +177,11 @@ def test_packed_taps_path_is_the_one_taken(monkeypatch):
     path) and the others do not; the stem-like ones pack more than one tap per K step."""
     from fused_resnet.triton import conv
 
-    seen = []
-    real = conv.launch
-
-    def spy(kernel, grid, *args, **kwargs):
-        if kernel is conv.conv_kernel:
-            seen.append(kwargs["PACK_S"])
-        return real(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(conv, "launch", spy)
+    launched = spy_triton_launches(monkeypatch)
     for case in CASES:
-        seen.clear()
+        launched.clear()
         _check_conv_bn_act(case, torch.float32, residual=False, relu=True)
-        assert seen == [case in PACKED], case
+        assert [kw["PACK_S"] for k, kw in launched if k is conv.conv_kernel] == [case in PACKED], case
 
 
 @pytest.mark.parametrize("case", PACKED, ids=str)
@@ -216,17 +208,11 @@ def test_packed_taps_with_prologue_and_padding(case):
 def test_split_k_matches_reference(monkeypatch, case, split):
     from fused_resnet.triton import conv
 
-    launched = []
-    real = conv.launch
-
-    def spy(kernel, grid, *args, **kwargs):
-        launched.append((kernel, kwargs.get("SPLIT_K")))
-        return real(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(conv, "launch", spy)
+    launched = spy_triton_launches(monkeypatch)
     monkeypatch.setenv("FUSED_RESNET_TRITON_SPLIT_K", str(split))
     _check_conv_bn_act(case, torch.float32, residual=True, relu=True)
-    assert launched == [(conv.conv_kernel, split), (conv.splitk_epilogue_kernel, split)]
+    assert [(k, kw.get("SPLIT_K")) for k, kw in launched] == [(conv.conv_kernel, split),
+                                                              (conv.splitk_epilogue_kernel, split)]
     _check_conv_stats(case, torch.float32, prologue=True)
     if case is SMALL_RESNET[0]:
         _check_conv_bn_act(case, torch.float16, residual=False, relu=False)

@@ -8,7 +8,7 @@ require_interpreter()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import ConvCase, conv_inputs  # noqa: E402
+from conftest import ConvCase, conv_inputs, spy_triton_launches  # noqa: E402
 
 from fused_resnet.triton import conv, load_ops  # noqa: E402
 
@@ -24,19 +24,12 @@ def tf32_flag():
 
 @pytest.mark.parametrize("allow", [True, False])
 def test_float32_precision_follows_allow_tf32(tf32_flag, monkeypatch, allow):
-    seen = []
-    real = conv.launch
-
-    def spy(kernel, grid, *args, **kwargs):
-        if kernel is conv.conv_kernel:
-            seen.append(kwargs["INPUT_PRECISION"])
-        return real(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(conv, "launch", spy)
+    launched = spy_triton_launches(monkeypatch)
     torch.backends.cudnn.allow_tf32 = allow
     x, w, s, b, _ = conv_inputs(ConvCase(1, 4, 4, 4, 4))
     T.conv_bn_act(x, w, s, b, None, [1, 1], [1, 1], [1, 1], 1, False)
     T.conv_stats(x.half(), w.half(), None, None, False, [1, 1], [1, 1], [1, 1], 1)
+    seen = [kw["INPUT_PRECISION"] for k, kw in launched if k is conv.conv_kernel]
     assert seen == ["tf32" if allow else "ieee", "tf32"]  # 16-bit inputs: the setting does not apply
 
 
