@@ -65,6 +65,8 @@ Decisions:
 
 from __future__ import annotations
 
+import os
+
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K is derived per shape (see module docstring).
 TILES = (
     (128, 128, 8, 4),  # the workhorse for large M and N >= 128
@@ -156,8 +158,6 @@ def split_k(m: int, kg: int, groups: int, steps: int, n_sm: int) -> int:
 
 def forced_split_k() -> int | None:
     """``FUSED_RESNET_TRITON_SPLIT_K`` as a positive integer, or None when unset / ``auto``."""
-    import os
-
     raw = os.environ.get(SPLIT_K_ENV, "").strip().lower()
     if raw in ("", "auto"):
         return None
