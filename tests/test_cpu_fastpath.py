@@ -80,8 +80,14 @@ def _call(x, w, s, b, r, case, relu=True):
 @pytest.mark.parametrize("residual,relu", [(False, True), (True, True), (False, False), (True, False)])
 def test_float32_takes_fast_path_and_matches(case, residual, relu):
     x, w, s, b, r = conv_inputs(case, torch.float32, residual=residual)
+    r_before = None if r is None else r.clone()
     y, ops = _ops_called(lambda: _call(x, w, s, b, r, case, relu))
-    assert ops.get(POINTWISE, 0) == 1, f"fast path not taken: {sorted(ops)}"
+    # A 1x1 output with a shortcut runs oneDNN's in-place overload on a copy of the shortcut
+    # (torch 2.11's out-of-place overload fails there, see csrc/cpu/onednn.cpp).
+    one_pixel = residual and y.shape[2] * y.shape[3] == 1
+    assert ops.get(POINTWISE + ("_" if one_pixel else ""), 0) == 1, f"fast path not taken: {sorted(ops)}"
+    if r is not None:
+        assert torch.equal(r, r_before), "conv_bn_act wrote into its residual"
     assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
     assert y.stride() == torch.empty(y.shape, memory_format=torch.channels_last).stride()  # as the fake kernel
     assert_matches(y, _expected(x, w, s, b, r, case, relu), torch.float32)

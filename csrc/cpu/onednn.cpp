@@ -245,11 +245,18 @@ at::Tensor conv_bn_act_onednn(const at::Tensor& x, const at::Tensor& weight, con
     const at::Tensor w = weight.is_inference()
                              ? fold(weight, scale)
                              : packed_weight(*ops, x, weight, scale, stride, padding, dilation, groups);
+    // A 1x1 output with a shortcut is computed in place into a copy of the shortcut: torch 2.11's
+    // out-of-place binary overload fails there with a pre-packed weight ("could not create a
+    // memory"; found 2026-12-06; 2.14 does not fail, the in-place overload works on both), and a
+    // 1x1 output is only N*K elements to copy.
+    const bool one_pixel = residual.defined() && !into_residual && residual.size(2) * residual.size(3) == 1;
+    const at::Tensor other = one_pixel ? residual.clone(at::MemoryFormat::ChannelsLast) : residual;
+    const bool in_place = into_residual || one_pixel;
     torch::jit::Stack stack;
     stack.reserve(13);
-    if (into_residual) stack.emplace_back(residual);  // the in-place overload takes `other` first
+    if (in_place) stack.emplace_back(other);  // the in-place overload takes `other` first
     stack.emplace_back(x);
-    if (residual.defined() && !into_residual) stack.emplace_back(residual);
+    if (residual.defined() && !in_place) stack.emplace_back(residual);
     stack.emplace_back(w);
     stack.emplace_back(shift.contiguous());  // the bias; oneDNN reads it as a dense vector
     stack.emplace_back(vec(padding));
@@ -265,15 +272,20 @@ at::Tensor conv_bn_act_onednn(const at::Tensor& x, const at::Tensor& weight, con
     }
     stack.emplace_back(c10::List<std::optional<at::Scalar>>());  // post-op scalars
     stack.emplace_back(c10::IValue());                            // post-op algorithm
-    if (into_residual) {
+    if (in_place) {
       ops->binary_.callBoxed(&stack);
-      return residual;
+      return into_residual ? residual : canonical_channels_last(other);
     }
     (residual.defined() ? ops->binary : ops->pointwise).callBoxed(&stack);
     return canonical_channels_last(stack[0].toTensor());
   } catch (const c10::Error& err) {
     warn_fallback_once(kRejected, std::string("fused_resnet: oneDNN rejected a conv_bn_act call (") +
                                       err.what_without_backtrace() +
+                                      "); conv_bn_act on CPU uses the unfused path for such calls");
+    return {};
+  } catch (const std::exception& err) {
+    // oneDNN's own errors (dnnl::error, e.g. "could not create a memory") are not c10::Errors.
+    warn_fallback_once(kRejected, std::string("fused_resnet: oneDNN rejected a conv_bn_act call (") + err.what() +
                                       "); conv_bn_act on CPU uses the unfused path for such calls");
     return {};
   }
