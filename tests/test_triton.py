@@ -23,30 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 ALREADY_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
-def _old_interpreter_reason() -> str | None:
-    """Why this triton's interpreter cannot run tests/triton, or None.
-
-    Triton 3.6's interpreter turns a scalar into an index with ``int(data)`` on a 1-element array
-    (a kernel argument such as ``Cg`` is one), which numpy refuses: every kernel with a loop bound
-    computed from its arguments stops with "only 0-dimensional arrays can be converted to Python
-    scalars". 3.7 squeezes first. Checked 2026-12-06: with that one line patched, 3.6 ran all of
-    tests/triton (129 passed), and the sm_90 compile tests below pass on 3.6 unpatched -- the GPU
-    path is not affected, only the CPU interpreter."""
-    if fr_triton.triton_import_error() is not None:
-        return None
-    import triton
-
-    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
-    if (major, minor) < (3, 7):
-        return (f"triton {triton.__version__}'s interpreter cannot run the kernels "
-                "(int() of a 1-element array; fixed in 3.7)")
-    return None
-
-
 @pytest.mark.skipif(fr_triton.triton_import_error() is not None, reason="triton does not import")
 @pytest.mark.skipif(ALREADY_INTERPRETED, reason="TRITON_INTERPRET is set: tests/triton runs in this process")
 def test_interpreter_suite_passes():
-    if (why := _old_interpreter_reason()) is not None:
+    if (why := fr_triton.old_interpreter_reason()) is not None:
         pytest.skip(why)
     env = dict(os.environ, TRITON_INTERPRET="1", FUSED_RESNET_QUIET="1")
     env.pop("FUSED_RESNET_BACKEND", None)
@@ -56,6 +36,13 @@ def test_interpreter_suite_passes():
     out = proc.stdout[-20000:] + proc.stderr[-5000:]
     assert proc.returncode == 0, f"{' '.join(cmd)} failed (rc {proc.returncode}):\n{out}"
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], out
+
+
+def test_old_interpreter_reason():
+    assert "triton 3.6.0's interpreter" in fr_triton.old_interpreter_reason("3.6.0")
+    assert "fixed in triton 3.7" in fr_triton.old_interpreter_reason("3.5.1")
+    for ok in ("3.7.0", "3.8.0", "4.0.0", "3.10.1", "main"):
+        assert fr_triton.old_interpreter_reason(ok) is None, ok
 
 
 def test_cpu_without_interpreter_is_a_clear_fallback():

@@ -46,7 +46,8 @@ import os
 
 import torch
 
-__all__ = ["interpret_mode", "triton_import_error", "unsupported_reason", "load_ops", "DTYPES"]
+__all__ = ["interpret_mode", "triton_import_error", "unsupported_reason", "load_ops", "DTYPES",
+           "old_interpreter_reason"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRET_DTYPES = (torch.float32, torch.float16)
@@ -64,6 +65,32 @@ def triton_import_error() -> str | None:
         import triton.language  # noqa: F401
     except Exception as e:  # ImportError, or a broken install raising something else
         return f"{type(e).__name__}: {e}"
+    return None
+
+
+def old_interpreter_reason(version: str | None = None) -> str | None:
+    """Why triton ``version`` (default: the installed one)'s interpreter cannot run these kernels,
+    or None.
+
+    Triton 3.6's interpreter turns a scalar into an index with ``int(data)`` on a 1-element numpy
+    array (a kernel argument such as ``Cg`` is one), which numpy refuses, so every kernel here
+    whose loop bound is computed from its arguments stops with "only 0-dimensional arrays can be
+    converted to Python scalars"; 3.7 squeezes first. The GPU path is not affected (the sm_90
+    compile tests pass on 3.6), only CPU tensors under ``TRITON_INTERPRET=1``. Checked 2026-12-06:
+    with that one interpreter line patched, 3.6 ran all of tests/triton under torch 2.11 and 2.14."""
+    if version is None:
+        if triton_import_error() is not None:
+            return None
+        import triton
+
+        version = triton.__version__
+    try:
+        major, minor = (int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return None  # an unparseable (development) version: assume it is recent
+    if (major, minor) < (3, 7):
+        return (f"triton {version}'s interpreter cannot run these kernels (it fails on loop bounds computed "
+                f"from kernel arguments; fixed in triton 3.7)")
     return None
 
 
@@ -100,6 +127,9 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
         if not interpret_mode():
             return ("the Triton backend is not implemented for CPU tensors (it runs CUDA tensors, or CPU "
                     "tensors when TRITON_INTERPRET=1 was set before triton was imported)")
+        too_old = old_interpreter_reason()
+        if too_old is not None:
+            return too_old
         if dtype not in INTERPRET_DTYPES:
             return (f"the Triton interpreter (TRITON_INTERPRET=1) supports float32/float16 "
                     f"(its tl.dot cannot take bfloat16), got {dtype}")
