@@ -278,14 +278,12 @@ at::Tensor conv_bn_act_onednn(const at::Tensor& x, const at::Tensor& weight, con
     }
     (residual.defined() ? ops->binary : ops->pointwise).callBoxed(&stack);
     return canonical_channels_last(stack[0].toTensor());
-  } catch (const c10::Error& err) {
-    warn_fallback_once(kRejected, std::string("fused_resnet: oneDNN rejected a conv_bn_act call (") +
-                                      err.what_without_backtrace() +
-                                      "); conv_bn_act on CPU uses the unfused path for such calls");
-    return {};
   } catch (const std::exception& err) {
-    // oneDNN's own errors (dnnl::error, e.g. "could not create a memory") are not c10::Errors.
-    warn_fallback_once(kRejected, std::string("fused_resnet: oneDNN rejected a conv_bn_act call (") + err.what() +
+    // c10::Errors from torch's checks, and oneDNN's own errors (dnnl::error, e.g. "could not
+    // create a memory"), which are not c10::Errors.
+    const auto* c10_err = dynamic_cast<const c10::Error*>(&err);
+    warn_fallback_once(kRejected, std::string("fused_resnet: oneDNN rejected a conv_bn_act call (") +
+                                      (c10_err ? c10_err->what_without_backtrace() : err.what()) +
                                       "); conv_bn_act on CPU uses the unfused path for such calls");
     return {};
   }
