@@ -352,6 +352,22 @@ def test_model_timing_in_fresh_processes():
 
 
 @requires_c
+def test_child_processes_import_this_fused_resnet_from_any_directory(tmp_path, monkeypatch):
+    """`pip install . && fused-resnet bench` from the checkout: the children must not import the
+    checkout's fused_resnet (first on a `python -m` child's sys.path when it is the working
+    directory) instead of the installed one. A decoy package in the working directory stands in."""
+    from fused_resnet.bench._util import Progress
+    from fused_resnet.bench.models import bench_models, build_torchvision
+
+    (tmp_path / "fused_resnet").mkdir()
+    (tmp_path / "fused_resnet" / "__init__.py").write_text("raise ImportError('the decoy fused_resnet')\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = _tiny_model_cfg(processes=1)
+    rows = bench_models(cfg, build_torchvision("resnet18", 0), None, Progress(2, "t", False))
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+
+
+@requires_c
 def test_a_failing_child_process_gives_a_failed_row(monkeypatch):
     import subprocess
 

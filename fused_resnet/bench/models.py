@@ -179,6 +179,13 @@ def _run_in_processes(cfg, mode, prep, runnable, ref_logits, ref_gw, peaks, prog
     common = dict(batch=prep.batch, flops=prep.flops, min_bytes=prep.nbytes, peaks=peaks)
     cfg_d = dataclasses.asdict(cfg)
     cfg_d.pop("skipped")
+    # `python -m` puts the child's working directory first on sys.path: run it from the folder that
+    # holds this process's fused_resnet, so it imports the same (built) package. From a source
+    # checkout after a non-editable `pip install .` it would otherwise import the checkout's copy,
+    # which has no _C. Every path handed to the child is absolute.
+    import fused_resnet
+
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(fused_resnet.__file__)))
     with tempfile.TemporaryDirectory(prefix="fused_resnet_bench_") as tmp:
         ref_path = os.path.join(tmp, "ref.pt")
         torch.save({"logits": ref_logits.cpu(), "gw": None if ref_gw is None else ref_gw.cpu()}, ref_path)
@@ -193,7 +200,7 @@ def _run_in_processes(cfg, mode, prep, runnable, ref_logits, ref_gw, peaks, prog
                     json.dump({"cfg": cfg_d, "mode": mode, "variant": v, "ref": ref_path, "peaks": peaks,
                                "out": out_path, "count_launches": rnd == 0}, f)
                 proc = subprocess.run([sys.executable, "-m", "fused_resnet.bench._isolated", spec_path],
-                                      capture_output=True, text=True)
+                                      capture_output=True, text=True, cwd=package_root)
                 if proc.returncode != 0 or not os.path.exists(out_path):
                     tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
                     failed[v] = make_row("model", mode, cfg.model, prep.label, v, status="failed",
