@@ -5,7 +5,7 @@ property of the graph, not of the device: which tensors the forward keeps for ba
 large the backward's working set gets. This script counts both on any device, so the GPU ratio
 can be predicted before a GPU is lent::
 
-    python benchmarks/held_memory.py                       # ResNet-50, batch 4, float32 and bfloat16
+    python benchmarks/held_memory.py                       # ResNet-50, batch 4, float32, bfloat16, amp
     python benchmarks/held_memory.py --dtype bfloat16 --batch 8 --model resnet18
 
 How: a ``TorchDispatchMode`` sees every op call of one training step (forward, cross-entropy,
@@ -91,16 +91,27 @@ def build(name: str, variant: str, dtype: torch.dtype, seed: int = 0) -> torch.n
     return model.to(dtype=dtype, memory_format=torch.channels_last).train()
 
 
-def measure(name: str, variant: str, dtype: torch.dtype, batch: int, size: int) -> dict:
+def measure(name: str, variant: str, dtype: torch.dtype | str, batch: int, size: int) -> dict:
+    """One counted training step. ``dtype="amp"``: a float32 model under bfloat16 autocast (the
+    GPU target's "eager AMP"; here CPU autocast, whose casts of the activations match CUDA's)."""
+    amp = dtype == "amp"
+    if amp:
+        dtype = torch.float32
     model = build(name, variant, dtype)
     x = torch.randn(batch, 3, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,))
+
+    def loss_of():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        return torch.nn.functional.cross_entropy(out.float(), y)
+
     # One untracked step first: folds, packs and caches are made as they would be in a long run.
-    torch.nn.functional.cross_entropy(model(x).float(), y).backward()
+    loss_of().backward()
     model.zero_grad(set_to_none=True)
     mode = LiveBytes()
     with mode:
-        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss = loss_of()
         held = mode.now()
         loss.backward()
     return {"variant": variant, "held_after_forward": held, "peak": mode.peak, "ops": mode.ops}
@@ -111,12 +122,13 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="resnet50")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--dtype", default="float32,bfloat16", help="comma-separated")
+    p.add_argument("--dtype", default="float32,bfloat16,amp",
+                   help="comma-separated; amp = float32 model under bfloat16 autocast")
     args = p.parse_args(argv)
     mib = 2.0 ** 20
     print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, channels_last, torch {torch.__version__}")
     for dname in args.dtype.split(","):
-        dtype = getattr(torch, dname)
+        dtype = dname if dname == "amp" else getattr(torch, dname)
         rows = [measure(args.model, v, dtype, args.batch, args.size) for v in ("eager", "fused")]
         e = rows[0]
         for r in rows:

@@ -21,6 +21,21 @@ bare (conv, BN) pair; a C++ backend (cpu/cuda) for the call. Everything else run
 before. Saved tensors go through ``ctx.save_for_backward``, so they are freed after backward and
 a second backward without ``retain_graph=True`` raises PyTorch's usual error. Double backward is
 not supported (as for the ops).
+
+Recomputed block inputs (``FUSED_RESNET_RECOMPUTE``, default on). A block's input is usually the
+block before it's output, ``relu(z3 * scale + shift + residual)``, whose ingredients that block's
+node saves anyway (its ``bn_add_act`` backward needs them). So when a taped block's input is the
+untouched output of another taped block (its ``grad_fn`` is that block's node, its version
+unchanged), the block does not save the input: it keeps a link to the producing node, and its
+backward recomputes the input with the same ``bn_add_act`` kernel from the producer's saved
+tensors -- bit for bit the forward's value. Chained identity shortcuts recompute back to the
+stage's projection block (whose shortcut is its own conv output), caching each recomputed output
+on its producer until the consumer's backward (or the producer's own) is done, so a stage's
+outputs are recomputed once each and only while that stage's backward runs. Cost: one elementwise
+pass per linked block per step; saving: every block output but the one entering the first block
+(``benchmarks/NOTES.md``, "Recomputed block outputs", for the counted figures). Reading the
+producer's saved tensors goes through autograd, so a freed graph raises its usual error, saved-tensor
+hooks (checkpointing, offloading) apply, and ``retain_graph=True`` keeps everything needed.
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ from .. import ops as _ops
 from ._fusion import _PLAN_BACKENDS, BATCH, _below_autograd, norm_mode
 
 FAST_TRAIN_ENV = "FUSED_RESNET_FAST_TRAIN"
+RECOMPUTE_ENV = "FUSED_RESNET_RECOMPUTE"
 
 
 def tape_ready(x) -> bool:
@@ -148,15 +164,30 @@ class Tape:
         args = (z, scale, shift, residual, res_scale, res_shift, bool(relu))
         y = torch.ops.fused_resnet.bn_add_act.default(*args)
         self._record(_ops._backward_bn_add_act, _ops._setup_bn_add_act, args, (y,))
+        self._last_add = (args, y)
         return y
 
     # ----
+
+    def recipe(self, output: Tensor) -> tuple | None:
+        """How to recompute ``output`` from the saved tensors (call before :meth:`close`): the
+        saved indices of the last ``bn_add_act``'s tensor arguments (None for an absent one) and
+        its ``relu``, or None when ``output`` is not that op's output or an argument is unsaved."""
+        last = getattr(self, "_last_add", None)
+        if last is None or last[1] is not output:
+            return None
+        args = last[0]
+        idx = tuple(None if a is None else self._saved_idx.get(id(a)) for a in args[:6])
+        if any(i is None and a is not None for i, a in zip(idx, args[:6], strict=True)):
+            return None
+        return idx, args[6]
 
     def close(self, output: Tensor) -> tuple[list, int]:
         """End of the forward: the tensors to save and the output's key; forgets everything else."""
         out_key = id(output)  # if no recorded op made it, it carries no gradient to anything
         saved = self._saved
         self._alive, self._saved, self._saved_idx, self._diff = [], [], {}, set()
+        self._last_add = None
         return saved, out_key
 
     def backward(self, saved: tuple, out_key: int, grad: Tensor) -> tuple:
@@ -187,23 +218,99 @@ class Tape:
         return tuple(None if k is None else grads.get(k) for k in self.input_keys)
 
 
+def recompute_on() -> bool:
+    """Whether taped blocks recompute their inputs (``FUSED_RESNET_RECOMPUTE``, default on)."""
+    return os.environ.get(RECOMPUTE_ENV, "1").strip() != "0"
+
+
+def _producer(x: Tensor):
+    """The taped block node whose untouched output ``x`` is and that can recompute it, or None."""
+    node = x.grad_fn
+    if type(node) is not _BLOCK_NODE:
+        return None
+    recipe = getattr(node, "out_recipe", None)
+    if recipe is None or node.out_version != x._version:
+        return None
+    return node
+
+
+def _saved_of(node) -> tuple:
+    """``node.saved_tensors``, unpacked once per backward: kept on the node for its own backward,
+    since saved-tensor hooks may allow one unpack only (non-reentrant checkpointing does)."""
+    if node.saved_unpacked is None:
+        node.saved_unpacked = node.saved_tensors
+    return node.saved_unpacked
+
+
+def _recomputed_output(node) -> Tensor:
+    """The output of the taped block ``node``, recomputed from its saved tensors (see the module
+    doc). Walks back through chained identity shortcuts first, so each output is computed once and
+    cached on its node (``out_cache``) until a consumer's or the node's own backward drops it."""
+    chain = []
+    n = node
+    while n.out_cache is None:
+        chain.append(n)
+        (idx, _relu), in_slot = n.out_recipe, n.in_slot
+        if in_slot is None or idx[3] != in_slot[1]:
+            break  # the residual is saved by n itself (a projection's output, or an unlinked input)
+        n = in_slot[0]  # the residual is n's own input, recomputed by its producer
+    for n in reversed(chain):
+        saved = _saved_of(n)
+        (idx, relu), in_slot = n.out_recipe, n.in_slot
+        args = [None if i is None else saved[i] for i in idx]
+        if in_slot is not None and idx[3] == in_slot[1]:
+            args[3] = in_slot[0].out_cache
+        with torch.no_grad(), _below_autograd():
+            n.out_cache = torch.ops.fused_resnet.bn_add_act.default(*args, relu)
+    return node.out_cache
+
+
 class BlockFunction(torch.autograd.Function):
     """``run(tape)`` -- a block's forward written against the functional API -- as one autograd
-    node. ``tensors`` are everything in it that may need a gradient (input and parameters)."""
+    node. ``tensors`` are everything in it that may need a gradient (input and parameters).
+
+    Node attributes: ``in_slot`` = (producer node, saved index) when the input is recomputed
+    rather than saved; ``out_recipe`` (:meth:`Tape.recipe`), ``out_version`` and ``out_cache`` for
+    consumers that recompute this block's output; ``saved_unpacked`` (:func:`_saved_of`)."""
 
     @staticmethod
     def forward(ctx, run, *tensors):
         tape = Tape(tensors)
         with _below_autograd():
             y = run(tape)
+        ctx.out_recipe = tape.recipe(y) if recompute_on() else None
+        ctx.out_cache, ctx.in_slot, ctx.saved_unpacked = None, None, None
+        x = tensors[0]
         saved, ctx.out_key = tape.close(y)
+        producer = _producer(x) if recompute_on() else None
+        if producer is not None:
+            slot = next((i for i, t in enumerate(saved) if t is x), None)
+            if slot is not None:
+                saved[slot] = None  # not kept: recomputed in backward from the producer's tensors
+                ctx.in_slot = (producer, slot)
         ctx.save_for_backward(*saved)
         ctx.tape = tape
+        ctx.out_version = y._version
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        return (None, *ctx.tape.backward(ctx.saved_tensors, ctx.out_key, grad))
+        saved = _saved_of(ctx)
+        in_slot = ctx.in_slot
+        try:
+            if in_slot is not None:
+                saved = list(saved)
+                saved[in_slot[1]] = _recomputed_output(in_slot[0])
+            grads = ctx.tape.backward(saved, ctx.out_key, grad)
+        finally:
+            del saved
+            ctx.out_cache, ctx.saved_unpacked = None, None
+            if in_slot is not None:
+                in_slot[0].out_cache = None  # this block was its only reader still to come
+        return (None, *grads)
+
+
+_BLOCK_NODE = BlockFunction._backward_cls
 
 
 def unit_ok(conv, bn, acc: torch.dtype) -> bool:

@@ -275,3 +275,189 @@ def test_activation_checkpointing_of_a_taped_block(use_reentrant, monkeypatch):
         out[ckpt] = [xx.grad] + [p.grad for p in m.parameters()]
     for a, b in zip(out[True], out[False], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---- recomputed block inputs (FUSED_RESNET_RECOMPUTE): a taped block whose input is the untouched
+# output of another taped block keeps a link to that block's node instead of the input itself.
+
+
+def _stage(dtype=torch.float64, kind="bottleneck"):
+    """A projection block then two identity blocks (one stage), float64 by default."""
+    first, x = _block(kind, dtype, proj=True, seed=3)
+    rest = [_block(kind, dtype, proj=False, seed=s)[0] for s in (4, 5)]
+    return nn.Sequential(first, *rest), x
+
+
+def _links(y) -> int:
+    """How many taped nodes in ``y``'s graph recompute their input."""
+    seen, todo, n = set(), [y.grad_fn], 0
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        n += type(node) is _tape._BLOCK_NODE and node.in_slot is not None
+        todo += [f for f, _ in node.next_functions]
+    return n
+
+
+def _stage_step(m, x, monkeypatch, recompute: str, between=None, grad_seed=7):
+    import copy
+
+    monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "1")
+    monkeypatch.setenv(_tape.RECOMPUTE_ENV, recompute)
+    m = copy.deepcopy(m)
+    xx = x.clone().requires_grad_()
+    y = xx
+    for i, blk in enumerate(m):
+        y = blk(y)
+        if between is not None and i == 0:
+            y = between(y)
+    links = _links(y)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=y.dtype)
+    y.backward(g)
+    return y.detach(), "-", xx.grad, {k: p.grad for k, p in m.named_parameters()}, \
+        {k: v.clone() for k, v in m.named_buffers()}, links
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "basic"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_recomputed_inputs_equal_saved_inputs(kind, dtype, monkeypatch):
+    m, x = _stage(dtype, kind)
+    on = _stage_step(m, x, monkeypatch, "1")
+    off = _stage_step(m, x, monkeypatch, "0")
+    assert on[5] == 2 and off[5] == 0  # the identity blocks recompute; the first block's input is x
+    _same(on, off)
+
+
+def test_resnet_steps_with_recomputed_inputs_equal_saved_inputs(monkeypatch):
+    """Whole models: every block but the first recomputes its input; the step is bit for bit the
+    same as with saved inputs (chains through identity shortcuts, stage boundaries included)."""
+    import copy
+
+    from fused_resnet.models import resnet50
+
+    monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "1")
+    for ctor, blocks, size in ((resnet18, 8, 40), (resnet50, 16, 36)):
+        torch.manual_seed(0)
+        m = ctor(num_classes=5).double().train()
+        randomize_norms(m, 2)
+        x = torch.randn(2, 3, size, size, dtype=torch.float64)
+        out = {}
+        for rc in ("1", "0"):
+            monkeypatch.setenv(_tape.RECOMPUTE_ENV, rc)
+            mm = copy.deepcopy(m)
+            y = mm(x)
+            links = _links(y)
+            (y * torch.arange(5.0, dtype=torch.float64)).sum().backward()
+            out[rc] = (y.detach(), {k: p.grad for k, p in mm.named_parameters()}, links)
+        assert out["1"][2] == blocks - 1 and out["0"][2] == 0, ctor.__name__
+        torch.testing.assert_close(out["1"][0], out["0"][0], rtol=0, atol=0)
+        for k in out["1"][1]:
+            torch.testing.assert_close(out["1"][1][k], out["0"][1][k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("recompute,freed", [("1", True), ("0", False)])
+def test_block_output_not_kept_when_recomputed(recompute, freed, monkeypatch):
+    """The point of recomputing: once the caller drops a block's output, its memory is gone."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    m, x = _stage()
+    monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "1")
+    monkeypatch.setenv(_tape.RECOMPUTE_ENV, recompute)
+    y1 = m[0](x.requires_grad_())
+    ref = StorageWeakRef(y1.untyped_storage())
+    y2 = m[1](y1)
+    del y1
+    assert ref.expired() == freed
+    y2.sum().backward()  # and the backward still works
+
+
+@pytest.mark.parametrize("change", ["inplace_no_grad", "inplace_grad", "view", "detach_requires_grad"])
+def test_changed_block_output_is_saved_not_recomputed(change, monkeypatch):
+    """An output changed (in place, with or without autograd) or handed on as another tensor is
+    not the producer's output any more: the next block saves it, and the gradients are the
+    saved-input path's."""
+
+    def between(y):
+        if change == "inplace_no_grad":
+            with torch.no_grad():
+                y.mul_(0.5)
+            return y
+        if change == "inplace_grad":
+            return y.mul_(0.5)
+        if change == "view":
+            return y[:]
+        return y.detach().requires_grad_()
+
+    m, x = _stage()
+    on = _stage_step(m, x, monkeypatch, "1", between)
+    off = _stage_step(m, x, monkeypatch, "0", between)
+    assert on[5] == 1  # only the link from the second to the third block is left
+    _same(on, off)
+
+
+def test_recomputed_inputs_retain_graph_and_second_backward(monkeypatch):
+    m, x = _stage()
+    monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "1")
+    monkeypatch.setenv(_tape.RECOMPUTE_ENV, "1")
+    x = x.requires_grad_()
+    y = m(x)
+    assert _links(y) == 2
+    y.sum().backward(retain_graph=True)
+    once = x.grad.clone()
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * once, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="second time|freed"):
+        y.sum().backward()
+
+
+def test_recomputed_input_read_by_two_blocks(monkeypatch):
+    """One block's output feeding two later blocks (both recompute it): the same gradients."""
+    import copy
+
+    m, x = _stage()
+    out = {}
+    for rc in ("1", "0"):
+        monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "1")
+        monkeypatch.setenv(_tape.RECOMPUTE_ENV, rc)
+        mm = copy.deepcopy(m)
+        xx = x.clone().requires_grad_()
+        y1 = mm[0](xx)
+        y = mm[1](y1) * 2 + mm[2](y1)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype))
+        out[rc] = [xx.grad] + [p.grad for p in mm.parameters()]
+    for a, b in zip(out["1"], out["0"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_recomputed_inputs_under_activation_checkpointing(use_reentrant, monkeypatch):
+    """torch.utils.checkpoint over a whole stage: the links are made (and followed) inside the
+    checkpointed region; the same gradients as without checkpointing or recomputation."""
+    import copy
+
+    from torch.utils.checkpoint import checkpoint
+
+    m, x = _stage()
+    g = torch.randn(3, 32, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = {}
+    for ckpt, rc in ((True, "1"), (False, "0")):
+        monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "1")
+        monkeypatch.setenv(_tape.RECOMPUTE_ENV, rc)
+        mm = copy.deepcopy(m)
+        xx = x.clone().requires_grad_()
+        y = checkpoint(mm, xx, use_reentrant=use_reentrant) if ckpt else mm(xx)
+        y.backward(g)
+        out[ckpt] = [xx.grad] + [p.grad for p in mm.parameters()]
+    for a, b in zip(out[True], out[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_recomputed_inputs_under_cpu_autocast(monkeypatch):
+    m, x = _stage(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        on = _stage_step(m, x, monkeypatch, "1")
+        off = _stage_step(m, x, monkeypatch, "0")
+    assert on[0].dtype == torch.bfloat16 and on[5] == 2
+    _same(on, off)
