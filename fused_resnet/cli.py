@@ -112,6 +112,9 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--batch", type=int, help="inference batch (default 64 on cuda, 8 on cpu)")
     p.add_argument("--train-batch", type=int, help="training batch (default: --batch on cuda, 4 on cpu)")
+    p.add_argument("--train-precision", choices=("amp", "cast"),
+                   help="whole-model training in bfloat16/float16: amp = float32 parameters under torch.autocast "
+                        "(default), cast = the model cast to --dtype")
     p.add_argument("--layer-batch", type=int, help="batch of the per-layer/per-block runs (default: as the model)")
     p.add_argument("--size", type=int, default=224, help="input height = width (default 224)")
     p.add_argument("--mode", default="inference,training",
@@ -149,7 +152,8 @@ def _bench(args) -> int:
 
     cfg = BenchConfig(
         model=args.model, device=args.device, dtype=args.dtype, batch=args.batch, train_batch=args.train_batch,
-        layer_batch=args.layer_batch, size=args.size, modes=_csv_list(args.mode), levels=_csv_list(args.levels),
+        layer_batch=args.layer_batch, train_precision=args.train_precision,
+        size=args.size, modes=_csv_list(args.mode), levels=_csv_list(args.levels),
         backends=_csv_list(args.backends) if args.backends else None,
         baselines=_csv_list(args.baselines) if args.baselines else None,
         warmup=args.warmup, repeats=args.repeats, n_buffers=args.buffers, cuda_graphs=not args.no_cuda_graphs,

@@ -34,6 +34,12 @@ class BenchConfig:
     batch: int | None = None  # inference batch: 64 on CUDA, 8 on CPU
     train_batch: int | None = None  # training batch: same as batch on CUDA, 4 on CPU
     layer_batch: int | None = None  # per-layer and per-block batch (default: batch / train_batch on CUDA, 2 on CPU)
+    #: Whole-model training in a 16-bit dtype: "amp" = float32 parameters (and input) under
+    #: ``torch.autocast(dtype)``, as mixed-precision training is run and as issue #7's target
+    #: ("eager AMP") is stated; "cast" = the model cast to ``dtype``, BN parameters included.
+    #: Default "amp" for bfloat16/float16, "cast" otherwise (float32/float64 have no AMP).
+    #: Layer and block training rows always cast (they time one layer or block in ``dtype``).
+    train_precision: str | None = None
     size: int = 224
     modes: tuple[str, ...] = MODES
     levels: tuple[str, ...] = LEVELS
@@ -92,6 +98,14 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
         cfg.dtype = "bfloat16" if gpu else "float32"
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    low = cfg.dtype in ("bfloat16", "float16")
+    if cfg.train_precision is None:
+        cfg.train_precision = "amp" if low else "cast"
+    if cfg.train_precision not in ("amp", "cast"):
+        raise ValueError(f"train_precision: expected 'amp' or 'cast', got {cfg.train_precision!r}")
+    if cfg.train_precision == "amp" and not low:
+        raise ValueError(f"train_precision: 'amp' needs dtype bfloat16 or float16 (autocast's dtype), "
+                         f"got dtype {cfg.dtype!r}")
     cfg.batch = cfg.batch or (64 if gpu else 8)
     cfg.train_batch = cfg.train_batch or (cfg.batch if gpu else max(2, min(4, cfg.batch)))
     if cfg.layer_batch is None and not gpu:

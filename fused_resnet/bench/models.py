@@ -6,6 +6,11 @@ running statistics and affine parameters); the fused model carries the same weig
 ``torch.compile`` (default mode) and, on CUDA inference, ``torch.compile(mode="max-autotune")``
 with inductor's ``freezing`` (weights treated as constants: BN folded by the compiler).
 
+Training precision (``BenchConfig.train_precision``): in bfloat16/float16 the default is AMP,
+float32 parameters and input under ``torch.autocast(dtype)`` on every side (fused, eager,
+compile), the loss in float32; the row's ``impl`` says "AMP". ``cast`` trains the model cast to
+the dtype instead.
+
 Timing: on CUDA, inference of the fused and eager variants and of ``compile`` is replayed from
 CUDA graphs (one per input buffer; ``max-autotune`` already runs under CUDA graphs); if
 capture fails the row says so and eager launches are timed instead. Training is a step of
@@ -236,6 +241,10 @@ def _run_variant(cfg, mode, variant, mod, cl, b, graphs, prep: _Prep, ref_logits
     name, label, base, xs, labels = cfg.model, prep.label, prep.base, prep.xs, prep.labels
     train = mode == "training"
     notes = []
+    amp = train and cfg.train_precision == "amp"
+    if amp:
+        notes.append(f"AMP: float32 parameters under torch.autocast({str(dt).replace('torch.', '')})")
+        dt = torch.float32  # the parameters' and the input's dtype; autocast casts to cfg's
     if mod in ("compile", "compile_max"):
         eager_mod = copy.deepcopy(base).to(device=dev, dtype=dt, memory_format=CL)
         if mod == "compile":
@@ -251,13 +260,14 @@ def _run_variant(cfg, mode, variant, mod, cl, b, graphs, prep: _Prep, ref_logits
         if cl:
             model = model.to(memory_format=CL)
         params_of = model
-    inputs = [x if cl else x.contiguous() for x in xs]
+    inputs = [(x if cl else x.contiguous()).to(dt) for x in xs]
     w0 = _first_conv_weight(params_of)
 
     if train:
         def fn(i):
             params_of.zero_grad(set_to_none=True)
-            out = model(inputs[i % nb])
+            with torch.autocast(dev.type, dtype=cfg.torch_dtype, enabled=amp):
+                out = model(inputs[i % nb])
             TF.cross_entropy(out.float(), labels[i % nb]).backward()
             return out
     else:
