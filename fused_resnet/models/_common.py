@@ -9,7 +9,8 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-from ..nn import _fusion, _onednn_stem
+from .. import backends, reference
+from ..nn import _fusion, _onednn_stem, _tape
 from ..nn._fusion import Act, EvalPlan, FoldCache, PlanSlot, run_unit
 from ..nn.modules import Stage, _FusedBlockMixin
 
@@ -75,6 +76,8 @@ class FusedModelMixin:
         if why is not None:
             _fusion.warn_unfused(self, f"stem conv1/bn1: {why}")
             out = torch.relu(bn(conv(x)))
+        elif _tape.tape_ready(x) and (tensors := self._stem_tape_tensors(x, pool)) is not None:
+            return _tape.BlockFunction.apply(lambda tape: self._stem_taped(x, pool, tape), *tensors)
         else:
             out = run_unit(Act(x), conv, bn, self._stem_cache, relu=True, backend=self.backend, defer=False).t
             if key is not None:
@@ -85,6 +88,47 @@ class FusedModelMixin:
                     plan.stem = _onednn_stem.OneDNNStem(conv, scale, shift, pool)
                 slot.plan = plan
         return out if pool is None else pool(out)
+
+
+    def _stem_tape_tensors(self, x: Tensor, pool: nn.Module | None) -> list[Tensor] | None:
+        """The tensors of a taped training stem (``conv1 -> bn1 -> relu -> maxpool`` as one
+        autograd node, :mod:`fused_resnet.nn._tape`), or None when it may not run taped: the unit
+        as for blocks, and ``pool`` None or a plain ``nn.MaxPool2d`` without indices or hooks
+        (the tape runs the pool's aten op itself, so module hooks would not see it). Taped, neither
+        ``relu(bn1(conv1(x)))`` nor the pool's indices are kept for backward (recomputed there from
+        the conv output), and the first block recomputes its input (the pool's output) likewise."""
+        conv, bn = self.conv1, self.bn1
+        if pool is not None and (type(pool) is not nn.MaxPool2d or pool.return_indices or pool._forward_hooks
+                                 or pool._forward_pre_hooks or _has_global_hooks()):
+            return None
+        if not _tape.unit_ok(conv, bn, reference.acc_dtype(x.dtype)):
+            return None
+        decisions = _tape.decide(x, self.backend)
+        if decisions is None:
+            return None
+        for d in decisions:
+            backends.record(d)
+        return [x, conv.weight, bn.weight, bn.bias]
+
+    def _stem_taped(self, x: Tensor, pool: nn.MaxPool2d | None, tape) -> Tensor:
+        y = run_unit(Act(x), self.conv1, self.bn1, self._stem_cache, relu=True, backend=self.backend,
+                     defer=False, tape=tape).t
+        if pool is None:
+            return y
+        p = _pair(pool.padding)
+        return tape.max_pool2d(y, _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), p,
+                               _pair(pool.dilation), pool.ceil_mode)
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _has_global_hooks() -> bool:
+    """Whether ``nn.Module``'s global forward hooks are registered (they would see the pool run)."""
+    from torch.nn.modules import module as _m
+
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks)
 
 
 def _pool_state(pool: nn.Module | None) -> tuple | None:

@@ -84,6 +84,28 @@ def _cast_backward(ctx, grad):
     return (grad.to(ctx.dtype),)
 
 
+def _setup_pool(ctx, inputs, output) -> None:
+    add_args, y, pool = inputs
+    ctx.conv = pool
+    if add_args is None:
+        ctx.relu = None
+        ctx.save_for_backward(y)
+    else:  # recompute y = bn_add_act(*add_args) (tensors that op saved anyway)
+        ctx.relu = add_args[6]
+        ctx.save_for_backward(*add_args[:6])
+
+
+def _pool_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    if ctx.relu is None:
+        y = saved[0]
+    else:
+        y = torch.ops.fused_resnet.bn_add_act.default(*saved, ctx.relu)
+    _, indices = torch.ops.aten.max_pool2d_with_indices.default(y, *ctx.conv)
+    g = torch.ops.aten.max_pool2d_with_indices_backward.default(grad, y, *ctx.conv, indices)
+    return None, g, None
+
+
 class Tape:
     """The functional API's ``conv_stats`` / ``bn_finalize`` / ``bn_add_act`` for one block's
     forward, run directly on the C++ ops and recorded for :class:`BlockFunction`'s backward.
@@ -97,6 +119,7 @@ class Tape:
         self._saved: list = []
         self._saved_idx: dict[int, int] = {}
         self.entries: list[tuple] = []
+        self._last_add = self._last_pool = None
         self.input_keys = tuple(None if t is None else self._key_of(t) for t in inputs)
         self._diff = {k for k, t in zip(self.input_keys, inputs, strict=True) if t is not None and t.requires_grad}
 
@@ -167,27 +190,43 @@ class Tape:
         self._last_add = (args, y)
         return y
 
+    def max_pool2d(self, y, kernel_size, stride, padding, dilation, ceil_mode):
+        """``aten.max_pool2d_with_indices`` keeping neither the indices nor its input when the
+        input is the last ``bn_add_act``'s output: the backward recomputes both from that op's
+        saved tensors (the stem's ``relu(bn(z))`` and pool are then never stored)."""
+        pool = (list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
+        out, _ = torch.ops.aten.max_pool2d_with_indices.default(y, *pool)
+        last = self._last_add
+        from_add = last is not None and last[1] is y
+        inputs = (last[0] if from_add else None, y, pool)
+        self._record(_pool_backward, _setup_pool, inputs, (out,))
+        self._last_pool = (y, out, pool)
+        return out
+
     # ----
 
     def recipe(self, output: Tensor) -> tuple | None:
         """How to recompute ``output`` from the saved tensors (call before :meth:`close`): the
-        saved indices of the last ``bn_add_act``'s tensor arguments (None for an absent one) and
-        its ``relu``, or None when ``output`` is not that op's output or an argument is unsaved."""
-        last = getattr(self, "_last_add", None)
+        saved indices of the last ``bn_add_act``'s tensor arguments (None for an absent one), its
+        ``relu`` and the max pool applied to its result (or None), or None when ``output`` is not
+        that op's output (or its pool's) or an argument is unsaved."""
+        last, lp, pool = self._last_add, self._last_pool, None
+        if lp is not None and lp[1] is output:  # the stem's pool of its relu(bn(z))
+            output, pool = lp[0], lp[2]
         if last is None or last[1] is not output:
             return None
         args = last[0]
         idx = tuple(None if a is None else self._saved_idx.get(id(a)) for a in args[:6])
         if any(i is None and a is not None for i, a in zip(idx, args[:6], strict=True)):
             return None
-        return idx, args[6]
+        return idx, args[6], pool
 
     def close(self, output: Tensor) -> tuple[list, int]:
         """End of the forward: the tensors to save and the output's key; forgets everything else."""
         out_key = id(output)  # if no recorded op made it, it carries no gradient to anything
         saved = self._saved
         self._alive, self._saved, self._saved_idx, self._diff = [], [], {}, set()
-        self._last_add = None
+        self._last_add = self._last_pool = None
         return saved, out_key
 
     def backward(self, saved: tuple, out_key: int, grad: Tensor) -> tuple:
@@ -250,18 +289,21 @@ def _recomputed_output(node) -> Tensor:
     n = node
     while n.out_cache is None:
         chain.append(n)
-        (idx, _relu), in_slot = n.out_recipe, n.in_slot
+        idx, in_slot = n.out_recipe[0], n.in_slot
         if in_slot is None or idx[3] != in_slot[1]:
             break  # the residual is saved by n itself (a projection's output, or an unlinked input)
         n = in_slot[0]  # the residual is n's own input, recomputed by its producer
     for n in reversed(chain):
         saved = _saved_of(n)
-        (idx, relu), in_slot = n.out_recipe, n.in_slot
+        (idx, relu, pool), in_slot = n.out_recipe, n.in_slot
         args = [None if i is None else saved[i] for i in idx]
         if in_slot is not None and idx[3] == in_slot[1]:
             args[3] = in_slot[0].out_cache
         with torch.no_grad(), _below_autograd():
-            n.out_cache = torch.ops.fused_resnet.bn_add_act.default(*args, relu)
+            y = torch.ops.fused_resnet.bn_add_act.default(*args, relu)
+            if pool is not None:
+                y = torch.ops.aten.max_pool2d_with_indices.default(y, *pool)[0]
+            n.out_cache = y
     return node.out_cache
 
 

@@ -331,14 +331,15 @@ def test_recomputed_inputs_equal_saved_inputs(kind, dtype, monkeypatch):
 
 
 def test_resnet_steps_with_recomputed_inputs_equal_saved_inputs(monkeypatch):
-    """Whole models: every block but the first recomputes its input; the step is bit for bit the
-    same as with saved inputs (chains through identity shortcuts, stage boundaries included)."""
+    """Whole models: every block recomputes its input (the first one the taped stem's pooled
+    output); the step is bit for bit the same as with saved inputs (chains through identity
+    shortcuts, stage boundaries included)."""
     import copy
 
     from fused_resnet.models import resnet50
 
     monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "1")
-    for ctor, blocks, size in ((resnet18, 8, 40), (resnet50, 16, 36)):
+    for ctor, blocks, size in ((resnet18, 8, 40), (resnet50, 16, 36)):  # + the stem (taped, recomputed)
         torch.manual_seed(0)
         m = ctor(num_classes=5).double().train()
         randomize_norms(m, 2)
@@ -351,7 +352,7 @@ def test_resnet_steps_with_recomputed_inputs_equal_saved_inputs(monkeypatch):
             links = _links(y)
             (y * torch.arange(5.0, dtype=torch.float64)).sum().backward()
             out[rc] = (y.detach(), {k: p.grad for k, p in mm.named_parameters()}, links)
-        assert out["1"][2] == blocks - 1 and out["0"][2] == 0, ctor.__name__
+        assert out["1"][2] == blocks and out["0"][2] == 0, ctor.__name__  # the first block's input: the stem's
         torch.testing.assert_close(out["1"][0], out["0"][0], rtol=0, atol=0)
         for k in out["1"][1]:
             torch.testing.assert_close(out["1"][1][k], out["0"][1][k], rtol=0, atol=0, msg=k)
@@ -461,3 +462,75 @@ def test_recomputed_inputs_under_cpu_autocast(monkeypatch):
         off = _stage_step(m, x, monkeypatch, "0")
     assert on[0].dtype == torch.bfloat16 and on[5] == 2
     _same(on, off)
+
+
+# ---- the taped stem (fused_resnet.models: conv1 -> bn1 -> relu -> maxpool as one node)
+
+
+def _stem_node(m, x):
+    """The grad_fn type of the stem's output (what layer1 receives) and the model's output."""
+    seen = []
+    h = m.layer1.register_forward_pre_hook(lambda mod, args: seen.append(type(args[0].grad_fn).__name__))
+    try:
+        y = m(x)
+    finally:
+        h.remove()
+    return seen[0], y
+
+
+@pytest.mark.parametrize("ctor", ["resnet18", "cifar_resnet20"])
+def test_taped_stem_equals_op_by_op(ctor, monkeypatch):
+    """Stem taped (its relu(bn(z)) and the pool's indices recomputed in backward) vs op by op:
+    outputs, every gradient and the running statistics bit for bit."""
+    import copy
+
+    import fused_resnet.models as fm
+
+    torch.manual_seed(0)
+    m = getattr(fm, ctor)(num_classes=5).double().train()
+    randomize_norms(m, 4)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    out = {}
+    for fast in ("1", "0"):
+        monkeypatch.setenv(_tape.FAST_TRAIN_ENV, fast)
+        mm, xx = copy.deepcopy(m), x.detach().clone().requires_grad_()
+        node, y = _stem_node(mm, xx)
+        (y * torch.arange(5.0, dtype=torch.float64)).sum().backward()
+        out[fast] = (node, y.detach(), xx.grad, {k: p.grad for k, p in mm.named_parameters()},
+                     {k: b.clone() for k, b in mm.named_buffers()})
+    assert out["1"][0] == TAPED and out["0"][0] != TAPED
+    torch.testing.assert_close(out["1"][1], out["0"][1], rtol=0, atol=0)
+    torch.testing.assert_close(out["1"][2], out["0"][2], rtol=0, atol=0)
+    for i in (3, 4):
+        for k in out["1"][i]:
+            torch.testing.assert_close(out["1"][i][k], out["0"][i][k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("change", ["pool_hook", "return_indices", "avg_pool", "global_hook"])
+def test_stem_not_taped_when_the_pool_must_run_as_a_module(change, monkeypatch):
+    """The tape runs max_pool2d's aten op itself: a pool with hooks (its own or global), indices
+    or another pool type runs as a module, and its hooks see it."""
+    monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "1")
+    torch.manual_seed(0)
+    m = resnet18(num_classes=5).train()
+    x = torch.randn(2, 3, 32, 32)
+    assert _stem_node(m, x)[0] == TAPED
+    calls = []
+    handle = None
+    if change == "pool_hook":
+        m.maxpool.register_forward_hook(lambda *a: calls.append(1))
+    elif change == "return_indices":
+        m.maxpool.return_indices = True
+        m.maxpool.register_forward_hook(lambda mod, args, out: (calls.append(1), out[0])[1])
+    elif change == "avg_pool":
+        m.maxpool = nn.AvgPool2d(3, 2, 1)
+        calls.append(1)
+    else:
+        handle = nn.modules.module.register_module_forward_hook(lambda *a: calls.append(1))
+    try:
+        node, y = _stem_node(m, x)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert node != TAPED and calls
+    y.sum().backward()
