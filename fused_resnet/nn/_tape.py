@@ -192,12 +192,14 @@ class Tape:
 
     def max_pool2d(self, y, kernel_size, stride, padding, dilation, ceil_mode):
         """``aten.max_pool2d_with_indices`` keeping neither the indices nor its input when the
-        input is the last ``bn_add_act``'s output: the backward recomputes both from that op's
-        saved tensors (the stem's ``relu(bn(z))`` and pool are then never stored)."""
+        input is the last ``bn_add_act``'s output (and ``FUSED_RESNET_RECOMPUTE`` is not 0): the
+        backward recomputes both from that op's saved tensors (the stem's ``relu(bn(z))`` and the
+        indices are then never stored). Otherwise the input is saved and only the indices are
+        recomputed (a max pool's cheapest part to redo)."""
         pool = (list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
         out, _ = torch.ops.aten.max_pool2d_with_indices.default(y, *pool)
         last = self._last_add
-        from_add = last is not None and last[1] is y
+        from_add = last is not None and last[1] is y and recompute_on()
         inputs = (last[0] if from_add else None, y, pool)
         self._record(_pool_backward, _setup_pool, inputs, (out,))
         self._last_pool = (y, out, pool)
