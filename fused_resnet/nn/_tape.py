@@ -23,8 +23,8 @@ a second backward without ``retain_graph=True`` raises PyTorch's usual error. Do
 not supported (as for the ops).
 
 Recomputed block inputs (``FUSED_RESNET_RECOMPUTE``, default on). A block's input is usually the
-block before it's output, ``relu(z3 * scale + shift + residual)``, whose ingredients that block's
-node saves anyway (its ``bn_add_act`` backward needs them). So when a taped block's input is the
+output of the block before it, ``relu(z3 * scale + shift + residual)``, whose ingredients that
+block's node saves anyway (its ``bn_add_act`` backward needs them). So when a taped block's input is the
 untouched output of another taped block (its ``grad_fn`` is that block's node, its version
 unchanged), the block does not save the input: it keeps a link to the producing node, and its
 backward recomputes the input with the same ``bn_add_act`` kernel from the producer's saved
@@ -32,8 +32,10 @@ tensors -- bit for bit the forward's value. Chained identity shortcuts recompute
 stage's projection block (whose shortcut is its own conv output), caching each recomputed output
 on its producer until the consumer's backward (or the producer's own) is done, so a stage's
 outputs are recomputed once each and only while that stage's backward runs. Cost: one elementwise
-pass per linked block per step; saving: every block output but the one entering the first block
-(``benchmarks/NOTES.md``, "Recomputed block outputs", for the counted figures). Reading the
+pass per linked block per step; saving: every block output. The models' stem is taped too
+(:meth:`Tape.max_pool2d`): its ``relu(bn(z))`` and the pool's indices are recomputed in its
+backward, and its pooled output by the first block (``benchmarks/NOTES.md``, tenth session, for
+the counted figures). Reading the
 producer's saved tensors goes through autograd, so a freed graph raises its usual error, saved-tensor
 hooks (checkpointing, offloading) apply, and ``retain_graph=True`` keeps everything needed.
 """
