@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-from .. import backends, reference
+from .. import backends
 from ..nn import _fusion, _onednn_stem, _tape
 from ..nn._fusion import Act, EvalPlan, FoldCache, PlanSlot, run_unit
 from ..nn.modules import Stage, _FusedBlockMixin
@@ -101,7 +101,7 @@ class FusedModelMixin:
         if pool is not None and (type(pool) is not nn.MaxPool2d or pool.return_indices or pool._forward_hooks
                                  or pool._forward_pre_hooks or _has_global_hooks()):
             return None
-        if not _tape.unit_ok(conv, bn, reference.acc_dtype(x.dtype)):
+        if not _tape.unit_ok(conv, bn):
             return None
         decisions = _tape.decide(x, self.backend)
         if decisions is None:

@@ -318,11 +318,11 @@ def batch_norm_affine(bn: nn.Module, stats: Tensor, z: Tensor, conv_bias: Tensor
     not change the normalized output but does enter the running mean, so it is added to the batch
     mean before :func:`~fused_resnet.functional.bn_finalize` and folded back into ``shift``.
     With a ``tape`` (:mod:`fused_resnet.nn._tape`) only the taped ops may touch a tensor that
-    needs a gradient: no sync, no conv bias, BN parameters already in the accumulation dtype.
+    needs a gradient: no sync, no conv bias; BN parameters in another dtype than the accumulation
+    dtype (a model cast to bfloat16) are cast by the tape, which records the cast.
     """
     acc = stats.dtype
-    if tape is not None and (isinstance(bn, nn.SyncBatchNorm) or conv_bias is not None
-                             or any(p is not None and p.dtype != acc for p in (bn.weight, bn.bias))):
+    if tape is not None and (isinstance(bn, nn.SyncBatchNorm) or conv_bias is not None):
         raise AssertionError("fused_resnet: this unit cannot run on a tape")
     count = z.numel() // z.shape[1] if z.shape[1] else 0
     track = bn.training and bn.running_mean is not None and bn.running_var is not None
@@ -331,7 +331,8 @@ def batch_norm_affine(bn: nn.Module, stats: Tensor, z: Tensor, conv_bias: Tensor
     if conv_bias is not None:
         stats = torch.stack([stats[0] + conv_bias.to(acc), stats[1]])
     # (no .to() call when the dtype already matches: below autograd it would still dispatch)
-    gamma, beta = (p if p is None or p.dtype == acc else p.to(acc) for p in (bn.weight, bn.bias))
+    gamma, beta = (p if p is None or p.dtype == acc else p.to(acc) if tape is None else tape.cast(p, acc)
+                   for p in (bn.weight, bn.bias))
     scale, shift, _, _ = (F if tape is None else tape).bn_finalize(
         stats, count, gamma, beta,
         bn.running_mean if track else None, bn.running_var if track else None,

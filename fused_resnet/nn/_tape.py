@@ -16,7 +16,8 @@ the same backward formulas (``fused_resnet.ops``). Same kernels, same formulas, 
 Where it applies (:func:`tape_ready` per call, the module's ``_tape_tensors`` per block): grad mode
 on, not under ``torch.compile`` tracing, :func:`fused_resnet.backends.trace`, or
 ``FUSED_RESNET_FAST_TRAIN=0``; every unit in batch mode with a plain ``BatchNorm2d`` (not
-``SyncBatchNorm``: its gather has its own autograd) and a bias-free conv; a downsample that is a
+``SyncBatchNorm``: its gather has its own autograd; its parameters in any floating dtype, cast
+by the tape) and a bias-free conv; a downsample that is a
 bare (conv, BN) pair; a C++ backend (cpu/cuda) for the call. Everything else runs op by op as
 before. Saved tensors go through ``ctx.save_for_backward``, so they are freed after backward and
 a second backward without ``retain_graph=True`` raises PyTorch's usual error. Double backward is
@@ -160,6 +161,13 @@ class Tape:
         c = _ops.autocast_cast(t, t.device.type, torch.get_autocast_dtype(t.device.type))
         if c is not t:
             self._record(_cast_backward, _setup_cast, (t,), (c,))
+        return c
+
+    def cast(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """``t.to(dtype)``, recorded (its backward casts the gradient back): BN parameters of a
+        model cast to a 16-bit dtype, which the ops take in the accumulation dtype."""
+        c = t.to(dtype)
+        self._record(_cast_backward, _setup_cast, (t,), (c,))
         return c
 
     # ---- the functional API's signatures (backend= is fixed for the whole tape)
@@ -359,13 +367,13 @@ class BlockFunction(torch.autograd.Function):
 _BLOCK_NODE = BlockFunction._backward_cls
 
 
-def unit_ok(conv, bn, acc: torch.dtype) -> bool:
-    """Whether a (conv, norm) unit may run on a tape this call (see the module doc)."""
+def unit_ok(conv, bn) -> bool:
+    """Whether a (conv, norm) unit may run on a tape this call (see the module doc). BN parameters
+    may be in any floating dtype: the tape casts them to the accumulation dtype."""
     return (
         isinstance(bn, nn.BatchNorm2d) and not isinstance(bn, nn.SyncBatchNorm)
         and norm_mode(bn) == BATCH
         and getattr(conv, "bias", None) is None
-        and all(p is None or p.dtype == acc for p in (bn.weight, bn.bias))
     )
 
 

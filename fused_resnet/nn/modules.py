@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as _tv
 
-from .. import backends, reference
+from .. import backends
 from . import _fusion, _tape
 from ._fusion import Act, EvalPlan, FoldCache, PlanSlot, run_unit
 
@@ -97,10 +97,9 @@ class _FusedBlockMixin:
             if parts is None or parts[0]:
                 return None
             units.append(parts[1:])
-        acc = reference.acc_dtype(x.dtype)
         tensors = [x]
         for conv, norm in units:
-            if not _tape.unit_ok(conv, norm, acc):
+            if not _tape.unit_ok(conv, norm):
                 return None
             tensors += [conv.weight, norm.weight, norm.bias]
         decisions = _tape.decide(x, self.backend)

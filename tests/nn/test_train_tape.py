@@ -192,7 +192,7 @@ def _not_taped(blk, x):
 
 
 @pytest.mark.parametrize("change", ["sync_bn", "conv_bias", "frozen_bn", "ds_prefix", "switch_off",
-                                    "no_grad", "trace", "torch_backend", "bn_dtype"])
+                                    "no_grad", "trace", "torch_backend"])
 def test_not_taped_when_it_may_not_be(change, monkeypatch):
     blk, x = _block(dtype=torch.float32)
     monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "1")
@@ -209,8 +209,6 @@ def test_not_taped_when_it_may_not_be(change, monkeypatch):
         monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "0")
     elif change == "torch_backend":
         blk.backend = "torch"
-    elif change == "bn_dtype":  # BN parameters in another dtype: cast op by op, with their gradients
-        blk.bn3.double()
     if change == "no_grad":
         with torch.no_grad():
             y = blk(x)
@@ -221,6 +219,25 @@ def test_not_taped_when_it_may_not_be(change, monkeypatch):
         assert log
     else:
         assert _not_taped(blk, x)
+
+
+@pytest.mark.parametrize("case", ["bf16_model", "bn_float64"])
+def test_tape_casts_bn_parameters_of_another_dtype(case, monkeypatch):
+    """BN parameters in another dtype than the accumulation dtype -- a model cast to bfloat16
+    (parameters bfloat16, statistics float32), or one BN kept in float64 -- are cast by the tape,
+    their gradients cast back: the op-by-op path's results bit for bit, taped."""
+    if case == "bf16_model":
+        blk, x = _block("bottleneck", torch.float32, True)
+        blk, x = blk.to(torch.bfloat16), x.to(torch.bfloat16)
+    else:
+        blk, x = _block("bottleneck", torch.float32, True)
+        blk.bn3.double()
+    taped = _step(blk, x, monkeypatch, "1")
+    plain = _step(blk, x, monkeypatch, "0")
+    assert taped[1] == TAPED and plain[1] != TAPED
+    _same(taped, plain)
+    for k, g in taped[3].items():
+        assert g.dtype == dict(blk.named_parameters())[k].dtype, k
 
 
 def test_count_of_one_still_refused(monkeypatch):
