@@ -273,23 +273,27 @@ def test_nothing_needs_grad_in_train_mode(monkeypatch):
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_activation_checkpointing_of_a_taped_block(use_reentrant, monkeypatch):
-    """torch.utils.checkpoint over a taped block (the non-reentrant kind replays the tape's saved
-    tensors through saved-tensor hooks): the same gradients as without checkpointing."""
+@pytest.mark.parametrize("what", ["block", "stage"])
+def test_activation_checkpointing_of_taped_blocks(what, use_reentrant, monkeypatch):
+    """torch.utils.checkpoint over a taped block, or a whole stage whose blocks recompute their
+    inputs (the links are made and followed inside the checkpointed region; the non-reentrant
+    kind replays the saved tensors through saved-tensor hooks): the same gradients as without
+    checkpointing and with saved inputs."""
     import copy
 
     from torch.utils.checkpoint import checkpoint
 
-    monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "1")
-    blk, x = _block()
+    m, x = _block() if what == "block" else _stage()
     g = torch.randn(3, 32, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     out = {}
-    for ckpt in (False, True):
-        m = copy.deepcopy(blk)
+    for ckpt, rc in ((True, "1"), (False, "0")):
+        monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "1")
+        monkeypatch.setenv(_tape.RECOMPUTE_ENV, rc)
+        mm = copy.deepcopy(m)
         xx = x.clone().requires_grad_()
-        y = checkpoint(m, xx, use_reentrant=use_reentrant) if ckpt else m(xx)
+        y = checkpoint(mm, xx, use_reentrant=use_reentrant) if ckpt else mm(xx)
         y.backward(g)
-        out[ckpt] = [xx.grad] + [p.grad for p in m.parameters()]
+        out[ckpt] = [xx.grad] + [p.grad for p in mm.parameters()]
     for a, b in zip(out[True], out[False], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -446,29 +450,6 @@ def test_recomputed_input_read_by_two_blocks(monkeypatch):
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype))
         out[rc] = [xx.grad] + [p.grad for p in mm.parameters()]
     for a, b in zip(out["1"], out["0"], strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_recomputed_inputs_under_activation_checkpointing(use_reentrant, monkeypatch):
-    """torch.utils.checkpoint over a whole stage: the links are made (and followed) inside the
-    checkpointed region; the same gradients as without checkpointing or recomputation."""
-    import copy
-
-    from torch.utils.checkpoint import checkpoint
-
-    m, x = _stage()
-    g = torch.randn(3, 32, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    out = {}
-    for ckpt, rc in ((True, "1"), (False, "0")):
-        monkeypatch.setenv(_tape.FAST_TRAIN_ENV, "1")
-        monkeypatch.setenv(_tape.RECOMPUTE_ENV, rc)
-        mm = copy.deepcopy(m)
-        xx = x.clone().requires_grad_()
-        y = checkpoint(mm, xx, use_reentrant=use_reentrant) if ckpt else mm(xx)
-        y.backward(g)
-        out[ckpt] = [xx.grad] + [p.grad for p in mm.parameters()]
-    for a, b in zip(out[True], out[False], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
