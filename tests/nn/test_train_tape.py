@@ -272,16 +272,22 @@ def test_nothing_needs_grad_in_train_mode(monkeypatch):
     torch.testing.assert_close(blk.bn1.running_mean, blk2.bn1.running_mean, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("wrap", ["checkpoint_reentrant", "checkpoint", "save_on_cpu"])
 @pytest.mark.parametrize("what", ["block", "stage"])
-def test_activation_checkpointing_of_taped_blocks(what, use_reentrant, monkeypatch):
+def test_activation_checkpointing_of_taped_blocks(what, wrap, monkeypatch):
     """torch.utils.checkpoint over a taped block, or a whole stage whose blocks recompute their
     inputs (the links are made and followed inside the checkpointed region; the non-reentrant
-    kind replays the saved tensors through saved-tensor hooks): the same gradients as without
-    checkpointing and with saved inputs."""
+    kind replays the saved tensors through saved-tensor hooks, which allow one unpack each), and
+    save_on_cpu's hooks: the same gradients as without them and with saved inputs."""
     import copy
 
     from torch.utils.checkpoint import checkpoint
+
+    def run(mm, xx):
+        if wrap == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu():
+                return mm(xx)
+        return checkpoint(mm, xx, use_reentrant=wrap == "checkpoint_reentrant")
 
     m, x = _block() if what == "block" else _stage()
     g = torch.randn(3, 32, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -291,7 +297,7 @@ def test_activation_checkpointing_of_taped_blocks(what, use_reentrant, monkeypat
         monkeypatch.setenv(_tape.RECOMPUTE_ENV, rc)
         mm = copy.deepcopy(m)
         xx = x.clone().requires_grad_()
-        y = checkpoint(mm, xx, use_reentrant=use_reentrant) if ckpt else mm(xx)
+        y = run(mm, xx) if ckpt else mm(xx)
         y.backward(g)
         out[ckpt] = [xx.grad] + [p.grad for p in mm.parameters()]
     for a, b in zip(out[True], out[False], strict=True):
