@@ -243,7 +243,7 @@ def _run_variant(cfg, mode, variant, mod, cl, b, graphs, prep: _Prep, ref_logits
     notes = []
     amp = train and cfg.train_precision == "amp"
     if amp:
-        notes.append(f"AMP: float32 parameters under torch.autocast({str(dt).replace('torch.', '')})")
+        notes.append(f"AMP: float32 parameters under torch.autocast({cfg.dtype})")
         dt = torch.float32  # the parameters' and the input's dtype; autocast casts to cfg's
     if mod in ("compile", "compile_max"):
         eager_mod = copy.deepcopy(base).to(device=dev, dtype=dt, memory_format=CL)

@@ -9,10 +9,9 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-from .. import backends
 from ..nn import _fusion, _onednn_stem, _tape
 from ..nn._fusion import Act, EvalPlan, FoldCache, PlanSlot, run_unit
-from ..nn.modules import Stage, _FusedBlockMixin
+from ..nn.modules import Stage, _FusedBlockMixin, _no_hooks
 
 _CL = torch.channels_last
 
@@ -93,42 +92,18 @@ class FusedModelMixin:
     def _stem_tape_tensors(self, x: Tensor, pool: nn.Module | None) -> list[Tensor] | None:
         """The tensors of a taped training stem (``conv1 -> bn1 -> relu -> maxpool`` as one
         autograd node, :mod:`fused_resnet.nn._tape`), or None when it may not run taped: the unit
-        as for blocks, and ``pool`` None or a plain ``nn.MaxPool2d`` without indices or hooks
-        (the tape runs the pool's aten op itself, so module hooks would not see it). Taped, neither
+        as for blocks, and ``pool`` None or a plain ``nn.MaxPool2d`` without indices, nor hooks of
+        its own or global ones (the tape runs the pool's aten op itself, so hooks would not see it). Taped, neither
         ``relu(bn1(conv1(x)))`` nor the pool's indices are kept for backward (recomputed there from
         the conv output), and the first block recomputes its input (the pool's output) likewise."""
-        conv, bn = self.conv1, self.bn1
-        if pool is not None and (type(pool) is not nn.MaxPool2d or pool.return_indices or pool._forward_hooks
-                                 or pool._forward_pre_hooks or _has_global_hooks()):
+        if pool is not None and (type(pool) is not nn.MaxPool2d or pool.return_indices or not _no_hooks(pool)):
             return None
-        if not _tape.unit_ok(conv, bn):
-            return None
-        decisions = _tape.decide(x, self.backend)
-        if decisions is None:
-            return None
-        for d in decisions:
-            backends.record(d)
-        return [x, conv.weight, bn.weight, bn.bias]
+        return _tape.tape_tensors(x, [(self.conv1, self.bn1)], self.backend)
 
     def _stem_taped(self, x: Tensor, pool: nn.MaxPool2d | None, tape) -> Tensor:
         y = run_unit(Act(x), self.conv1, self.bn1, self._stem_cache, relu=True, backend=self.backend,
                      defer=False, tape=tape).t
-        if pool is None:
-            return y
-        p = _pair(pool.padding)
-        return tape.max_pool2d(y, _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), p,
-                               _pair(pool.dilation), pool.ceil_mode)
-
-
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
-def _has_global_hooks() -> bool:
-    """Whether ``nn.Module``'s global forward hooks are registered (they would see the pool run)."""
-    from torch.nn.modules import module as _m
-
-    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks)
+        return y if pool is None else tape.max_pool2d(y, *_onednn_stem.pool_args(pool))
 
 
 def _pool_state(pool: nn.Module | None) -> tuple | None:

@@ -52,6 +52,13 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def pool_args(pool: nn.MaxPool2d) -> tuple:
+    """``(kernel_size, stride, padding, dilation, ceil_mode)`` of ``pool``, as pairs: the
+    positional arguments of ``max_pool2d`` / ``aten.max_pool2d_with_indices``."""
+    return (_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding),
+            _pair(pool.dilation), bool(pool.ceil_mode))
+
+
 class OneDNNStem:
     """``relu(maxpool(conv(x) * scale + shift))`` -> channels_last, as described in the module
     docstring. Built from the conv, its folded ``scale``/``shift`` (float32, (K,)) and the pool."""
@@ -65,8 +72,7 @@ class OneDNNStem:
         self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(folded.to_mkldnn(), padding, stride, dilation, 1)
         self.bias = shift.detach().contiguous()
         self.conv_args = (padding, stride, dilation, 1)
-        self.pool_args = (_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding),
-                          (1, 1), bool(pool.ceil_mode))
+        self.pool_args = pool_args(pool)  # dilation 1 (unsupported_reason)
 
     def __call__(self, x: Tensor) -> Tensor:
         y = torch.mkldnn_convolution(x.contiguous().to_mkldnn(), self.weight, self.bias, *self.conv_args)

@@ -73,7 +73,7 @@ class _OpCtx:
     are kept as indices into the block node's own saved tensors (so autograd owns their lifetime)."""
 
     __slots__ = ("needs_input_grad", "saved_tensors", "saved_idx", "tape", "conv", "relu", "in_relu",
-                 "has_prologue", "count", "dtype")
+                 "has_prologue", "count", "dtype", "pool")
 
     def save_for_backward(self, *tensors) -> None:
         self.saved_idx = tuple(self.tape.save(t) for t in tensors)
@@ -88,8 +88,7 @@ def _cast_backward(ctx, grad):
 
 
 def _setup_pool(ctx, inputs, output) -> None:
-    add_args, y, pool = inputs
-    ctx.conv = pool
+    add_args, y, ctx.pool = inputs
     if add_args is None:
         ctx.relu = None
         ctx.save_for_backward(y)
@@ -104,8 +103,8 @@ def _pool_backward(ctx, grad):
         y = saved[0]
     else:
         y = torch.ops.fused_resnet.bn_add_act.default(*saved, ctx.relu)
-    _, indices = torch.ops.aten.max_pool2d_with_indices.default(y, *ctx.conv)
-    g = torch.ops.aten.max_pool2d_with_indices_backward.default(grad, y, *ctx.conv, indices)
+    _, indices = torch.ops.aten.max_pool2d_with_indices.default(y, *ctx.pool)
+    g = torch.ops.aten.max_pool2d_with_indices_backward.default(grad, y, *ctx.pool, indices)
     return None, g, None
 
 
@@ -279,8 +278,7 @@ def _producer(x: Tensor):
     node = x.grad_fn
     if type(node) is not _BLOCK_NODE:
         return None
-    recipe = getattr(node, "out_recipe", None)
-    if recipe is None or node.out_version != x._version:
+    if node.out_recipe is None or node.out_version != x._version:
         return None
     return node
 
@@ -332,11 +330,12 @@ class BlockFunction(torch.autograd.Function):
         tape = Tape(tensors)
         with _below_autograd():
             y = run(tape)
-        ctx.out_recipe = tape.recipe(y) if recompute_on() else None
+        recompute = recompute_on()
+        ctx.out_recipe = tape.recipe(y) if recompute else None
         ctx.out_cache, ctx.in_slot, ctx.saved_unpacked = None, None, None
         x = tensors[0]
         saved, ctx.out_key = tape.close(y)
-        producer = _producer(x) if recompute_on() else None
+        producer = _producer(x) if recompute else None
         if producer is not None:
             slot = next((i for i, t in enumerate(saved) if t is x), None)
             if slot is not None:
@@ -357,7 +356,6 @@ class BlockFunction(torch.autograd.Function):
                 saved[in_slot[1]] = _recomputed_output(in_slot[0])
             grads = ctx.tape.backward(saved, ctx.out_key, grad)
         finally:
-            del saved
             ctx.out_cache, ctx.saved_unpacked = None, None
             if in_slot is not None:
                 in_slot[0].out_cache = None  # this block was its only reader still to come
@@ -375,6 +373,24 @@ def unit_ok(conv, bn) -> bool:
         and norm_mode(bn) == BATCH
         and getattr(conv, "bias", None) is None
     )
+
+
+def tape_tensors(x: Tensor, units, backend: str | None) -> list[Tensor] | None:
+    """The tensors of a taped call of ``units`` ((conv, norm) pairs) on ``x``: ``x``, then each
+    unit's conv weight, BN weight and BN bias; or None when a unit may not run taped
+    (:func:`unit_ok`) or an op's backend is not a C++ one (:func:`decide`). When it may, the ops'
+    backend decisions are recorded (``backends.last_decision``)."""
+    tensors = [x]
+    for conv, norm in units:
+        if not unit_ok(conv, norm):
+            return None
+        tensors += [conv.weight, norm.weight, norm.bias]
+    decisions = decide(x, backend)
+    if decisions is None:
+        return None
+    for d in decisions:
+        backends.record(d)
+    return tensors
 
 
 def decide(x: Tensor, backend: str | None) -> list[backends.Decision] | None:

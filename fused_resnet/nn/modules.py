@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as _tv
 
-from .. import backends
 from . import _fusion, _tape
 from ._fusion import Act, EvalPlan, FoldCache, PlanSlot, run_unit
 
@@ -97,17 +96,7 @@ class _FusedBlockMixin:
             if parts is None or parts[0]:
                 return None
             units.append(parts[1:])
-        tensors = [x]
-        for conv, norm in units:
-            if not _tape.unit_ok(conv, norm):
-                return None
-            tensors += [conv.weight, norm.weight, norm.bias]
-        decisions = _tape.decide(x, self.backend)
-        if decisions is None:
-            return None
-        for d in decisions:
-            backends.record(d)
-        return tensors
+        return _tape.tape_tensors(x, units, self.backend)
 
     def _plan_key(self, x: Tensor) -> tuple | None:
         """The :class:`~fused_resnet.nn._fusion.EvalPlan` key of this call, None when it may not
